@@ -1,0 +1,313 @@
+"""Loading and validating ``.rgf`` policy files (TOML).
+
+Every error names the TOML key path (``agents.hermes.daily_budget``) and the
+problem. Amounts are parsed as decimals straight from the TOML text, never floats.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resgov.core.money import parse_amount, price_per_mtok
+from resgov.core.policy import DEFAULT_ORG, AgentPolicy, GlobalPolicy, OrgPolicy, Policy, ProviderPolicy
+from resgov.core.pricing import ModelPrice, PriceBook, Rate
+from resgov.core.windows import PERIODS, Period
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+Amount = Annotated[Decimal, Field(ge=0, le=Decimal(10) ** 12)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class PolicyError(ValueError):
+    """An invalid ``.rgf`` file; ``problems`` holds ``(key path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
+        super().__init__(f"invalid policy {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class GlobalSection(_Section):
+    """``[global]``."""
+
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    fail_safe_action: Literal["deny", "allow"] = "deny"
+    timezone: str = "UTC"
+    reservation_ttl_seconds: Seconds = 300.0
+    default_provider: str = "openai"
+    on_insufficient_budget: Literal["deny", "shrink"] = "deny"
+    shrink_min_tokens: int = Field(256, ge=1, le=1_000_000)
+    on_expired_reservation: Literal["charge", "release"] = "charge"
+    default_max_tokens: int = Field(4096, ge=1, le=10_000_000)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r}") from exc
+        return value
+
+
+class ProviderSection(_Section):
+    """``[providers.NAME]``: an upstream."""
+
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    format: Literal["openai", "anthropic"] = "openai"
+    connect_timeout: Seconds = 10.0
+    first_byte_timeout: Seconds = 120.0
+    idle_timeout: Seconds = 60.0
+
+
+class ModelSection(_Section):
+    """``[models."NAME"]``: a price override or a private model's price, per million tokens."""
+
+    input_per_mtok: Amount
+    output_per_mtok: Amount
+    cache_read_per_mtok: Amount | None = None
+    cache_write_per_mtok: Amount | None = None
+    per_request: Amount | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    context_window: int | None = Field(None, ge=1)
+
+
+class _Budgets(_Section):
+    hourly_budget: Amount | None = None
+    daily_budget: Amount | None = None
+    weekly_budget: Amount | None = None
+    monthly_budget: Amount | None = None
+    total_budget: Amount | None = None
+
+    def limits(self) -> dict[Period, int]:
+        out: dict[Period, int] = {}
+        for period in PERIODS:
+            value = getattr(self, f"{period}_budget")
+            if value is not None:
+                out[period] = parse_amount(value)
+        return out
+
+
+class AgentSection(_Budgets):
+    """``[agents.NAME]`` (or ``[orgs.ORG.agents.NAME]``)."""
+
+    org: str | None = None
+    max_tokens_per_request: int | None = Field(None, ge=1, le=10_000_000)
+    allowed_models: list[str] | None = None
+    allowed_tools: list[str] | None = None
+
+
+class OrgSection(_Budgets):
+    """``[orgs.NAME]``: an organisation's budgets and, optionally, its agents."""
+
+    agents: dict[str, AgentSection] = Field(default_factory=dict)
+
+
+class RgfFile(_Section):
+    """The whole file."""
+
+    global_: GlobalSection = Field(default_factory=GlobalSection, alias="global")  # type: ignore[arg-type]
+    providers: dict[str, ProviderSection] = Field(default_factory=dict)
+    models: dict[str, ModelSection] = Field(default_factory=dict)
+    orgs: dict[str, OrgSection] = Field(default_factory=dict)
+    agents: dict[str, AgentSection] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> RgfFile:
+        for section, names in (("agents", self.agents), ("orgs", self.orgs), ("providers", self.providers)):
+            for name in names:
+                if not NAME_RE.match(name):
+                    raise ValueError(f"{section}.{name}: invalid name (letters, digits, . _ : @ -)")
+        return self
+
+
+#: Providers known without any configuration; a ``[providers.NAME]`` section replaces one.
+BUILTIN_PROVIDERS: dict[str, ProviderPolicy] = {
+    "openai": ProviderPolicy("openai", "https://api.openai.com/v1", "openai", "OPENAI_API_KEY"),
+    "anthropic": ProviderPolicy("anthropic", "https://api.anthropic.com", "anthropic", "ANTHROPIC_API_KEY"),
+    "openrouter": ProviderPolicy("openrouter", "https://openrouter.ai/api/v1", "openai", "OPENROUTER_API_KEY"),
+}
+
+
+def documented_keys() -> set[str]:
+    """Every key the loader accepts, as ``section.key`` (the README must document each)."""
+    keys: set[str] = set()
+    for prefix, model in (
+        ("global", GlobalSection),
+        ("providers.NAME", ProviderSection),
+        ('models."NAME"', ModelSection),
+        ("orgs.NAME", OrgSection),
+        ("agents.NAME", AgentSection),
+    ):
+        for name in model.model_fields:
+            keys.add(f"{prefix}.{name}")
+    return keys
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    parts = ["global" if p == "global_" else str(p) for p in loc]
+    return ".".join(parts) or "<file>"
+
+
+def parse_policy(text: str, source: str = "<string>", *, library_prices: bool = True) -> Policy:
+    """Parse and validate ``.rgf`` text into a :class:`Policy`, or raise :class:`PolicyError`."""
+    try:
+        raw = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(source, [("<toml>", str(exc))]) from exc
+    try:
+        rgf = RgfFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append((_loc(err["loc"]), msg))
+        raise PolicyError(source, problems) from exc
+    return compile_policy(rgf, source, library_prices=library_prices)
+
+
+def load_policy(path: str | Path, *, library_prices: bool = True) -> Policy:
+    """Read and validate a ``.rgf`` file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(str(p), [("<file>", f"cannot read: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(p), [("<file>", f"not UTF-8: {exc}")]) from exc
+    return parse_policy(text, str(p), library_prices=library_prices)
+
+
+def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) -> Policy:
+    """Turn a validated file into the immutable :class:`Policy` the proxy enforces."""
+    problems: list[tuple[str, str]] = []
+    g = rgf.global_
+    providers = dict(BUILTIN_PROVIDERS)
+    for name, section in rgf.providers.items():
+        providers[name] = ProviderPolicy(
+            name=name,
+            base_url=section.base_url.rstrip("/"),
+            format=section.format,
+            api_key_env=section.api_key_env,
+            connect_timeout=section.connect_timeout,
+            first_byte_timeout=section.first_byte_timeout,
+            idle_timeout=section.idle_timeout,
+        )
+    if g.default_provider not in providers:
+        problems.append(("global.default_provider", f"no provider named {g.default_provider!r}"))
+
+    orgs: dict[str, OrgPolicy] = {}
+    agents: dict[tuple[str, str], AgentPolicy] = {}
+
+    def add_agent(path: str, org: str, agent_id: str, section: AgentSection) -> None:
+        if (org, agent_id) in agents:
+            problems.append((path, f"agent {agent_id!r} is defined twice in org {org!r}"))
+            return
+        agents[(org, agent_id)] = AgentPolicy(
+            org=org,
+            agent_id=agent_id,
+            budgets=section.limits(),
+            max_tokens_per_request=section.max_tokens_per_request,
+            allowed_models=tuple(section.allowed_models) if section.allowed_models is not None else None,
+            allowed_tools=tuple(section.allowed_tools) if section.allowed_tools is not None else None,
+        )
+
+    for org_id, org_section in rgf.orgs.items():
+        orgs[org_id] = OrgPolicy(org_id, org_section.limits())
+        for agent_id, section in org_section.agents.items():
+            if not NAME_RE.match(agent_id):
+                problems.append((f"orgs.{org_id}.agents.{agent_id}", "invalid name"))
+                continue
+            if section.org not in (None, org_id):
+                problems.append((f"orgs.{org_id}.agents.{agent_id}.org", "contradicts the enclosing org"))
+            add_agent(f"orgs.{org_id}.agents.{agent_id}", org_id, agent_id, section)
+    for agent_id, section in rgf.agents.items():
+        org = section.org or DEFAULT_ORG
+        if section.org is not None and not NAME_RE.match(section.org):
+            problems.append((f"agents.{agent_id}.org", "invalid org name"))
+        orgs.setdefault(org, OrgPolicy(org, {}))
+        add_agent(f"agents.{agent_id}", org, agent_id, section)
+
+    overrides: dict[str, ModelPrice] = {}
+    for name, m in rgf.models.items():
+        overrides[name] = ModelPrice(
+            input=Rate(price_per_mtok(m.input_per_mtok)),
+            output=Rate(price_per_mtok(m.output_per_mtok)),
+            cache_read=Rate(price_per_mtok(m.cache_read_per_mtok)) if m.cache_read_per_mtok is not None else None,
+            cache_write=Rate(price_per_mtok(m.cache_write_per_mtok))
+            if m.cache_write_per_mtok is not None
+            else None,
+            per_request=parse_amount(m.per_request) if m.per_request is not None else 0,
+            max_output_tokens=m.max_output_tokens,
+            context_window=m.context_window,
+            source="rgf",
+        )
+    if g.currency != "USD" and library_prices:
+        # The price library is in USD; a budget in another currency can only use prices
+        # the operator states in that currency.
+        library_prices = False
+    if problems:
+        raise PolicyError(source, problems)
+    prices = PriceBook(overrides=overrides)
+    if not library_prices:
+        prices.library = None
+    global_ = GlobalPolicy(
+        currency=g.currency,
+        fail_safe_action=g.fail_safe_action,
+        timezone=g.timezone,
+        reservation_ttl_seconds=g.reservation_ttl_seconds,
+        default_provider=g.default_provider,
+        on_insufficient_budget=g.on_insufficient_budget,
+        shrink_min_tokens=g.shrink_min_tokens,
+        on_expired_reservation=g.on_expired_reservation,
+        default_max_tokens=g.default_max_tokens,
+        max_request_bytes=g.max_request_bytes,
+    )
+    return Policy(global_=global_, providers=providers, agents=agents, orgs=orgs, prices=prices, source=source)
+
+
+def describe(policy: Policy) -> list[str]:
+    """Human-readable lines of what a policy enforces (for ``resgov check``)."""
+    from resgov.core.money import format_money
+
+    cur = policy.global_.currency
+    g = policy.global_
+    out = [
+        f"currency {cur}, timezone {g.timezone}, fail_safe_action={g.fail_safe_action}, "
+        f"on_insufficient_budget={g.on_insufficient_budget}, on_expired_reservation={g.on_expired_reservation}",
+        f"reservation TTL {g.reservation_ttl_seconds:g}s, default provider {g.default_provider}, "
+        f"default max_tokens {g.default_max_tokens}",
+    ]
+    for name, p in sorted(policy.providers.items()):
+        out.append(f"provider {name}: {p.base_url} ({p.format}), key from ${p.api_key_env or '-'}")
+    for org_id, org in sorted(policy.orgs.items()):
+        budgets = ", ".join(f"{k} {format_money(v, cur)}" for k, v in org.budgets.items()) or "no org budget"
+        out.append(f"org {org_id}: {budgets}")
+    for (org_id, agent_id), a in sorted(policy.agents.items()):
+        budgets = ", ".join(f"{k} {format_money(v, cur)}" for k, v in a.budgets.items())
+        if not budgets and not policy.orgs.get(org_id, OrgPolicy(org_id)).budgets:
+            budgets = "WARNING: no budget on the agent or its org: spend is unlimited"
+        models = ", ".join(a.allowed_models) if a.allowed_models is not None else "any priced model"
+        tools = ", ".join(a.allowed_tools) if a.allowed_tools is not None else "any"
+        cap = a.max_tokens_per_request or f"client's, else {g.default_max_tokens}"
+        out.append(f"agent {org_id}/{agent_id}: {budgets}; models: {models}; tools: {tools}; max_tokens {cap}")
+    return out
+
+

@@ -1,0 +1,44 @@
+"""Process settings from the environment (``RESGOV_*``), separate from the policy file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MIN_ADMIN_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the policy and the ledger live, and the secrets that open the admin API."""
+
+    config_path: str | None = None
+    store_url: str = "sqlite:///resgov.db"
+    admin_token: str | None = None
+    metrics_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    drain_seconds: float = 30.0
+    #: How often the sweeper looks for expired leases.
+    sweep_interval: float = 1.0
+    #: Seconds an API-key lookup is cached (a CLI revocation beside a running server takes this long).
+    key_cache_seconds: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin_enabled(self) -> bool:
+        """The admin API is open only with a token of at least 32 characters."""
+        return self.admin_token is not None and len(self.admin_token) >= MIN_ADMIN_TOKEN
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``RESGOV_CONFIG``, ``RESGOV_STORE``, ``RESGOV_ADMIN_TOKEN``…; ``overrides`` win."""
+        env = os.environ
+        values: dict[str, object] = {
+            "config_path": env.get("RESGOV_CONFIG") or None,
+            "store_url": env.get("RESGOV_STORE") or "sqlite:///resgov.db",
+            "admin_token": env.get("RESGOV_ADMIN_TOKEN") or None,
+            "metrics_token": env.get("RESGOV_METRICS_TOKEN") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,136 @@
+"""The compiled policy: who may call what, with which budgets. Pure data and decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from fnmatch import fnmatchcase
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from resgov.core.budget import BudgetLine, lines_for
+from resgov.core.errors import Forbidden
+from resgov.core.pricing import PriceBook
+from resgov.core.windows import Period
+
+DEFAULT_ORG = "default"
+WireFormat = Literal["openai", "anthropic"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPolicy:
+    """An upstream: where it lives, how to authenticate, how long to wait."""
+
+    name: str
+    base_url: str
+    format: WireFormat = "openai"
+    api_key_env: str | None = None
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 120.0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPolicy:
+    """What one agent of one org may do."""
+
+    org: str
+    agent_id: str
+    budgets: Mapping[Period, int] = field(default_factory=dict)
+    max_tokens_per_request: int | None = None
+    allowed_models: tuple[str, ...] | None = None
+    allowed_tools: tuple[str, ...] | None = None
+
+    def model_allowed(self, model: str) -> bool:
+        """Exact names and glob patterns; no list means any (priced) model."""
+        if self.allowed_models is None:
+            return True
+        return any(model == pattern or fnmatchcase(model, pattern) for pattern in self.allowed_models)
+
+    def check_tools(self, names: list[str]) -> None:
+        """Refuse the first tool (or booked action) not in ``allowed_tools``."""
+        if self.allowed_tools is None:
+            return
+        for name in names:
+            if name not in self.allowed_tools:
+                raise Forbidden(
+                    f"Tool '{name}' is not allowed for agent '{self.agent_id}'. "
+                    f"Allowed: {', '.join(self.allowed_tools) or 'none'}",
+                    type="tool_not_allowed",
+                    reason="tool_not_allowed",
+                    agent_id=self.agent_id,
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class OrgPolicy:
+    """An organisation's own budgets, covering all of its agents together."""
+
+    org_id: str
+    budgets: Mapping[Period, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalPolicy:
+    """The ``[global]`` section, with defaults applied."""
+
+    currency: str = "USD"
+    fail_safe_action: Literal["deny", "allow"] = "deny"
+    timezone: str = "UTC"
+    reservation_ttl_seconds: float = 300.0
+    default_provider: str = "openai"
+    on_insufficient_budget: Literal["deny", "shrink"] = "deny"
+    shrink_min_tokens: int = 256
+    on_expired_reservation: Literal["charge", "release"] = "charge"
+    default_max_tokens: int = 4096
+    max_request_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything an ``.rgf`` file says, compiled and validated. Immutable: a reload builds a new one."""
+
+    global_: GlobalPolicy
+    providers: Mapping[str, ProviderPolicy]
+    agents: Mapping[tuple[str, str], AgentPolicy]
+    orgs: Mapping[str, OrgPolicy]
+    prices: PriceBook
+    source: str = "<defaults>"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The timezone budget windows are aligned to."""
+        return ZoneInfo(self.global_.timezone)
+
+    def agent(self, org: str, agent_id: str) -> AgentPolicy:
+        """The agent's policy, or the ``agent_not_found`` refusal (agents are never created on the fly)."""
+        found = self.agents.get((org, agent_id))
+        if found is None:
+            raise Forbidden(
+                f"Agent '{agent_id}' is not defined for this organisation.",
+                type="agent_not_found",
+                reason="agent_not_found",
+                agent_id=agent_id,
+            )
+        return found
+
+    def budget_lines(self, agent: AgentPolicy, now: datetime) -> list[BudgetLine]:
+        """Every budget covering a call by ``agent`` now: the agent's windows and its org's."""
+        org = self.orgs.get(agent.org)
+        return lines_for(agent.org, agent.agent_id, agent.budgets, org.budgets if org else {}, now, self.tz)
+
+    def route(self, model: str) -> tuple[ProviderPolicy, str]:
+        """``provider/model`` selects that provider; a bare name goes to ``default_provider``."""
+        prefix, sep, rest = model.partition("/")
+        if sep and prefix in self.providers and rest:
+            return self.providers[prefix], rest
+        provider = self.providers.get(self.global_.default_provider)
+        if provider is None:
+            raise Forbidden(
+                f"Model '{model}' names no configured provider and default_provider "
+                f"'{self.global_.default_provider}' is not configured.",
+                type="provider_not_found",
+                reason="provider_not_found",
+            )
+        return provider, model

@@ -1,0 +1,523 @@
+"""The embedded SQLite ledger: WAL, one writer thread with group commit, separate readers.
+
+Every money operation is queued to a single writer thread. It takes whatever is
+queued (a batch), applies each operation inside its own SAVEPOINT within one
+``BEGIN IMMEDIATE`` transaction, commits once and then wakes every waiter. One
+fsync thus covers a whole batch: that is what makes durable reservations cheap.
+
+Durability per batch: a batch holding a reservation (or a settlement in release
+mode) commits with ``synchronous=FULL``; a batch of only settlements commits with
+``synchronous=NORMAL``: visible to readers at once, its fsync riding the next FULL
+commit. A crash in between can only lose a settlement, which leaves the reservation
+to be charged at its bound by the sweeper: an over-count, never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from resgov.core.budget import LineState, first_misfit, settle
+from resgov.ledger.store import (
+    ApiKeyRecord,
+    AuditEntry,
+    AuditQuery,
+    LedgerTotals,
+    ReserveOutcome,
+    ReserveRequest,
+    SettleOutcome,
+    SettleRequest,
+    StoreError,
+)
+
+log = logging.getLogger("resgov.ledger.sqlite")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_line (
+    org TEXT NOT NULL, key TEXT NOT NULL,
+    spent INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (org, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservation (
+    id TEXT PRIMARY KEY, org TEXT NOT NULL, agent TEXT NOT NULL,
+    amount INTEGER NOT NULL, keys TEXT NOT NULL,
+    lease_expires REAL NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservation_lease ON reservation (lease_expires);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE, org TEXT NOT NULL, agent TEXT NOT NULL,
+    kind TEXT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL,
+    status TEXT NOT NULL, reason TEXT, http_status INTEGER,
+    reserved INTEGER NOT NULL, actual INTEGER NOT NULL,
+    overage INTEGER NOT NULL, estimated INTEGER NOT NULL, expired INTEGER NOT NULL,
+    input_tokens INTEGER, output_tokens INTEGER, upstream_request_id TEXT,
+    started_at REAL NOT NULL, finished_at REAL, detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_org_seq ON audit (org, seq);
+CREATE INDEX IF NOT EXISTS audit_org_agent_seq ON audit (org, agent, seq);
+CREATE TABLE IF NOT EXISTS api_key (
+    key_hash TEXT PRIMARY KEY, key_id TEXT NOT NULL UNIQUE, org TEXT NOT NULL, name TEXT NOT NULL,
+    scopes TEXT NOT NULL, agent_id TEXT, created_at REAL NOT NULL, expires_at REAL,
+    revoked_at REAL, prefix TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_key_org ON api_key (org);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+AUDIT_COLUMNS = (
+    "request_id, org, agent, kind, route, model, provider, status, reason, http_status, reserved, actual, "
+    "overage, estimated, expired, input_tokens, output_tokens, upstream_request_id, started_at, finished_at, detail"
+)
+_MAX_BATCH = 1024
+
+
+def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
+    return (
+        e.request_id, e.org, e.agent, e.kind, e.route, e.model, e.provider, e.status, e.reason,
+        e.http_status, e.reserved, e.actual, int(e.overage), int(e.estimated), int(e.expired),
+        e.input_tokens, e.output_tokens, e.upstream_request_id, e.started_at, e.finished_at,
+        json.dumps(e.detail) if e.detail else None,
+    )  # fmt: skip
+
+
+def _audit_from_row(row: Sequence[Any]) -> AuditEntry:
+    (request_id, org, agent, kind, route, model, provider, status, reason, http_status, reserved, actual,
+     overage, estimated, expired, input_tokens, output_tokens, upstream_request_id, started_at, finished_at,
+     detail) = row  # fmt: skip
+    return AuditEntry(
+        request_id=request_id, org=org, agent=agent, kind=kind, route=route, model=model, provider=provider,
+        status=status, reason=reason, http_status=http_status, reserved=reserved, actual=actual,
+        overage=bool(overage), estimated=bool(estimated), expired=bool(expired), input_tokens=input_tokens,
+        output_tokens=output_tokens, upstream_request_id=upstream_request_id, started_at=started_at,
+        finished_at=finished_at, detail=json.loads(detail) if detail else None,
+    )  # fmt: skip
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or a bare path → a file path."""
+    if url.startswith("sqlite://"):
+        return url[len("sqlite://") :].removeprefix("/") or "resgov.db"
+    return url
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection, float], Any]
+    durable: bool
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | None
+    result: Any = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+def _deliver(ops: list[_Op]) -> None:
+    for op in ops:
+        fut = op.future
+        if fut is None or fut.done():
+            continue
+        if op.error is not None:
+            fut.set_exception(op.error)
+        else:
+            fut.set_result(op.result)
+
+
+class SQLiteStore:
+    """The default, embedded store. One server process serves a file; CLI tools may write beside it."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, *, readers: int = 2) -> None:
+        self.path = path_from_url(path)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="resgov-sqlite-read")
+        self._local = threading.local()
+        self._closed = False
+        self.batches = 0
+        self.batched_ops = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the schema and start the writer thread."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = _connect(self.path)
+        try:
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+        self._thread = threading.Thread(target=self._writer, name="resgov-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Let queued writes commit, then stop the writer and the readers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+        self._readers.shutdown(wait=True)
+
+    async def ping(self) -> bool:
+        """True when the file can be read and the writer is alive."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        try:
+            await self._read(lambda c: c.execute("SELECT 1").fetchone())
+        except (sqlite3.Error, RuntimeError):
+            return False
+        return True
+
+    # -- the writer ------------------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        conn = _connect(self.path)
+        sync_full: bool | None = None
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                durable = any(op.durable for op in batch)
+                if durable is not sync_full:
+                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    sync_full = durable
+                self._apply(conn, batch)
+                self.batches += 1
+                self.batched_ops += len(batch)
+                by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+                for op in batch:
+                    if op.loop is not None:
+                        by_loop.setdefault(op.loop, []).append(op)
+                for loop, ops in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # loop already closed
+                        loop.call_soon_threadsafe(_deliver, ops)
+                if stop:
+                    break
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.close()
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        now = time.time()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for op in batch:
+                op.error = StoreError(f"sqlite: cannot begin: {exc}")
+            return
+        for op in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                op.result = op.fn(conn, now)
+                conn.execute("RELEASE op")
+            except Exception as exc:  # an op failing must not poison the batch
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(f"sqlite: {exc}")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for op in batch:
+                op.result = None
+                op.error = StoreError(f"sqlite: commit failed: {exc}")
+
+    async def _write(self, fn: Callable[[sqlite3.Connection, float], T], *, durable: bool = False) -> T:
+        if self._closed:
+            raise StoreError("sqlite store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, durable, loop, fut))
+        return await fut
+
+    def _write_nowait(self, fn: Callable[[sqlite3.Connection, float], Any]) -> None:
+        """Queue a write nobody waits for (it still commits with the next batch)."""
+        if not self._closed:
+            self._queue.put(_Op(fn, False, None, None))
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run one write transaction from a thread with no event loop (CLI tools)."""
+        conn = _connect(self.path)
+        try:
+            conn.executescript(SCHEMA)
+            op = _Op(fn, True, None, None)
+            conn.execute("PRAGMA synchronous=FULL")
+            self._apply(conn, [op])
+            if op.error:
+                raise op.error
+            return op.result  # type: ignore[no-any-return]
+        finally:
+            conn.close()
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = _connect(self.path)
+                self._local.conn = conn
+            return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    # -- money -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _states(conn: sqlite3.Connection, org: str, keys: Sequence[str]) -> dict[str, LineState]:
+        states: dict[str, LineState] = {}
+        for key in keys:
+            row = conn.execute("SELECT spent, reserved FROM budget_line WHERE org=? AND key=?", (org, key)).fetchone()
+            states[key] = LineState(row[0], row[1]) if row else LineState()
+        return states
+
+    async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """All lines or none, durable (fsync'd with its batch) before returning."""
+
+        def op(conn: sqlite3.Connection, now: float) -> ReserveOutcome:
+            keys = [line.key for line in request.lines]
+            states = self._states(conn, request.org, keys)
+            refused = first_misfit(request.lines, states, request.amount)
+            if refused is not None:
+                return ReserveOutcome(ok=False, states=states, refused=refused)
+            for key in keys:
+                conn.execute(
+                    "INSERT INTO budget_line (org, key, spent, reserved) VALUES (?, ?, 0, ?) "
+                    "ON CONFLICT (org, key) DO UPDATE SET reserved = reserved + excluded.reserved",
+                    (request.org, key, request.amount),
+                )
+            conn.execute(
+                "INSERT INTO reservation (id, org, agent, amount, keys, lease_expires, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (request.reservation_id, request.org, request.agent, request.amount, "\x1f".join(keys),
+                 now + request.ttl_seconds, now),
+            )  # fmt: skip
+            entry = request.audit
+            entry.reserved = request.amount
+            entry.status = "in_flight"
+            conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", _audit_row(entry))
+            after = {k: LineState(s.spent, s.reserved + request.amount) for k, s in states.items()}
+            return ReserveOutcome(ok=True, states=after)
+
+        return await self._write(op, durable=True)
+
+    @staticmethod
+    def _settle_in(conn: sqlite3.Connection, now: float, request: SettleRequest) -> SettleOutcome:
+        row = conn.execute(
+            "DELETE FROM reservation WHERE id = ? RETURNING org, amount, keys", (request.reservation_id,)
+        ).fetchone()
+        if row is None:
+            return SettleOutcome(settled=False)
+        org, reserved, keys_text = row
+        charge = settle(reserved, request.kind, request.amount)
+        keys = keys_text.split("\x1f") if keys_text else []
+        states: dict[str, LineState] = {}
+        for key in keys:
+            spent_row = conn.execute(
+                "UPDATE budget_line SET reserved = reserved - ?, spent = spent + ? WHERE org = ? AND key = ? "
+                "RETURNING spent, reserved",
+                (reserved, charge.charged, org, key),
+            ).fetchone()
+            if spent_row is not None:
+                states[key] = LineState(spent_row[0], spent_row[1])
+        conn.execute(
+            "UPDATE audit SET status=?, reason=COALESCE(?, reason), http_status=COALESCE(?, http_status), "
+            "actual=?, overage=?, estimated=?, expired=?, input_tokens=?, output_tokens=?, "
+            "upstream_request_id=COALESCE(?, upstream_request_id), finished_at=?, "
+            "detail=COALESCE(?, detail) WHERE request_id=?",
+            (
+                request.status, request.reason, request.http_status, charge.charged, int(charge.overage > 0),
+                int(request.kind == "estimated"), int(request.kind.startswith("expire")),
+                request.input_tokens, request.output_tokens, request.upstream_request_id, now,
+                json.dumps(request.detail) if request.detail else None, request.reservation_id,
+            ),
+        )  # fmt: skip
+        return SettleOutcome(
+            settled=True,
+            charged=charge.charged,
+            refund=charge.refund,
+            overage=charge.overage,
+            reserved=reserved,
+            states=states,
+        )
+
+    async def settle(self, request: SettleRequest) -> SettleOutcome:
+        """Idempotent by reservation id: the row is deleted by the first settlement."""
+        return await self._write(lambda c, now: self._settle_in(c, now, request), durable=request.durable)
+
+    async def renew(self, reservation_ids: Sequence[str], ttl_seconds: float) -> None:
+        """Push leases forward; nobody waits on it (a lost renewal only settles earlier, at the bound)."""
+        ids = list(reservation_ids)
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            conn.executemany(
+                "UPDATE reservation SET lease_expires = ? WHERE id = ?", [(now + ttl_seconds, i) for i in ids]
+            )
+
+        self._write_nowait(op)
+
+    async def sweep(self, mode: Literal["charge", "release"]) -> int:
+        """Settle expired leases by the store's clock (this process's, since it owns the file)."""
+
+        def op(conn: sqlite3.Connection, now: float) -> int:
+            ids = [r[0] for r in conn.execute("SELECT id FROM reservation WHERE lease_expires < ?", (now,))]
+            kind: Literal["expire_charge", "expire_release"] = (
+                "expire_charge" if mode == "charge" else "expire_release"
+            )
+            count = 0
+            for rid in ids:
+                outcome = self._settle_in(
+                    conn,
+                    now,
+                    SettleRequest(rid, kind, 0, "expired", reason="reservation_expired"),
+                )
+                count += int(outcome.settled)
+            return count
+
+        return await self._write(op, durable=True)
+
+    async def record(self, entry: AuditEntry) -> None:
+        """Queue the audit entry of a refusal; it commits with the next batch."""
+        row = _audit_row(entry)
+        self._write_nowait(
+            lambda c, _now: c.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row)
+        )
+
+    async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
+        """Read committed and reserved spend of lines."""
+        return await self._read(lambda c: self._states(c, org, keys))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has committed."""
+        await self._write(lambda c, now: None)
+
+    async def audit(self, query: AuditQuery) -> list[tuple[int, AuditEntry]]:
+        """Audit entries, oldest first, after ``after_seq``, filtered."""
+        sql = f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE seq > ?"
+        args: list[Any] = [query.after_seq]
+        for column, value in (("org", query.org), ("agent", query.agent), ("status", query.status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if query.since is not None:
+            sql += " AND started_at >= ?"
+            args.append(query.since)
+        if query.until is not None:
+            sql += " AND started_at < ?"
+            args.append(query.until)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(query.limit)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return [(row[0], _audit_from_row(row[1:])) for row in rows]
+
+    async def totals(self) -> LedgerTotals:
+        """Whole-ledger sums (tests and ``resgov store check``)."""
+
+        def run(c: sqlite3.Connection) -> LedgerTotals:
+            reserved = c.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM reservation").fetchone()
+            by_agent = {
+                (org, agent): total
+                for org, agent, total in c.execute("SELECT org, agent, SUM(actual) FROM audit GROUP BY org, agent")
+            }
+            count = c.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+            return LedgerTotals(reserved[0], reserved[1], by_agent, count)
+
+        return await self._read(run)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key_from_row(row: Sequence[Any]) -> ApiKeyRecord:
+        key_hash, key_id, org, name, scopes, agent_id, created_at, expires_at, revoked_at, prefix = row
+        return ApiKeyRecord(
+            key_id=key_id, key_hash=key_hash, org=org, name=name, scopes=tuple(scopes.split(",")) if scopes else (),
+            agent_id=agent_id, created_at=created_at, expires_at=expires_at, revoked_at=revoked_at, prefix=prefix,
+        )  # fmt: skip
+
+    @staticmethod
+    def insert_key(conn: sqlite3.Connection, record: ApiKeyRecord) -> None:
+        """Insert a key row (shared by the async API and the CLI's direct transaction)."""
+        conn.execute(
+            "INSERT INTO api_key (key_hash, key_id, org, name, scopes, agent_id, created_at, expires_at, "
+            "revoked_at, prefix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.key_hash, record.key_id, record.org, record.name, ",".join(record.scopes), record.agent_id,
+             record.created_at, record.expires_at, record.revoked_at, record.prefix),
+        )  # fmt: skip
+
+    async def put_api_key(self, record: ApiKeyRecord) -> None:
+        """Store a key record durably."""
+        await self._write(lambda c, _now: self.insert_key(c, record), durable=True)
+
+    _KEY_COLS = "key_hash, key_id, org, name, scopes, agent_id, created_at, expires_at, revoked_at, prefix"
+
+    async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """Look a key up by its hash."""
+        row = await self._read(
+            lambda c: c.execute(f"SELECT {self._KEY_COLS} FROM api_key WHERE key_hash = ?", (key_hash,)).fetchone()
+        )
+        return self._key_from_row(row) if row else None
+
+    async def list_api_keys(self, org: str | None) -> list[ApiKeyRecord]:
+        """Keys of an org, or of all orgs."""
+        if org is None:
+            rows = await self._read(lambda c: c.execute(f"SELECT {self._KEY_COLS} FROM api_key").fetchall())
+        else:
+            rows = await self._read(
+                lambda c: c.execute(f"SELECT {self._KEY_COLS} FROM api_key WHERE org = ?", (org,)).fetchall()
+            )
+        return [self._key_from_row(r) for r in rows]
+
+    async def revoke_api_key(self, org: str | None, key_id: str) -> bool:
+        """Mark a key revoked; scoped to ``org`` unless the admin asks (org None)."""
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            if org is None:
+                cur = conn.execute(
+                    "UPDATE api_key SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE api_key SET revoked_at = ? WHERE key_id = ? AND org = ? AND revoked_at IS NULL",
+                    (now, key_id, org),
+                )
+            return cur.rowcount > 0
+
+        return await self._write(op, durable=True)

@@ -1,0 +1,266 @@
+"""OpenAI chat completions wire format: request checks and rewriting, usage, stream scanning."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from resgov.core.errors import BadRequest, InvalidValue
+from resgov.core.pricing import Usage
+from resgov.providers.sse import SSESplitter, event_data
+
+#: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
+MAX_OUTPUT_CAP = 10_000_000
+MAX_CHOICES = 128
+#: OpenAI reasoning models reject ``max_tokens`` and take ``max_completion_tokens``.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat completions request; ``body`` is the client's JSON, to be rewritten."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+    n: int
+    output_cap: int | None
+    tools: list[str]
+    message_count: int
+    #: Output the provider may bill beyond the generated tokens (rejected predicted outputs).
+    extra_output_tokens: int = 0
+    web_search: bool = False
+    raw_size: int = 0
+
+
+def _int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"'{name}' must be an integer or null.", reason="invalid_type", param=name)
+    if value < minimum or value > maximum:
+        raise InvalidValue(
+            f"'{name}' must be between {minimum} and {maximum}, got {value}.", reason="invalid_value", param=name
+        )
+    return value
+
+
+def tool_names(tools: Any, tool_choice: Any) -> list[str]:
+    """Names of every tool a request offers or forces: function names, else the tool's type."""
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("'tools' must be an array.", reason="invalid_type", param="tools")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise BadRequest(f"'tools[{i}]' must be an object.", reason="invalid_type", param="tools")
+            kind = tool.get("type", "function")
+            inner = tool.get(kind) if isinstance(kind, str) else None
+            name = inner.get("name") if isinstance(inner, dict) else tool.get("name")
+            if not isinstance(name, str) or not name:
+                name = kind if isinstance(kind, str) else None
+            if not isinstance(name, str):
+                raise BadRequest(f"'tools[{i}]' has no name.", reason="invalid_type", param="tools")
+            names.append(name)
+    if isinstance(tool_choice, dict):
+        kind = tool_choice.get("type", "function")
+        inner = tool_choice.get(kind) if isinstance(kind, str) else None
+        name = inner.get("name") if isinstance(inner, dict) else tool_choice.get("name")
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    """Validate what ResGov relies on; everything else is forwarded untouched."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}", reason="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.", reason="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string.", reason="invalid_type", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' is required and must be an array.", reason="invalid_type", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"'messages[{i}]' must be an object.", reason="invalid_type", param="messages")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean.", reason="invalid_type", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object.", reason="invalid_type", param="stream_options")
+    wants_usage = bool(options.get("include_usage")) if options else False
+    n = _int_field(body, "n", minimum=1, maximum=MAX_CHOICES) or 1
+    caps = [
+        c
+        for c in (
+            _int_field(body, "max_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
+            _int_field(body, "max_completion_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
+        )
+        if c is not None
+    ]
+    names = tool_names(body.get("tools"), body.get("tool_choice"))
+    extra = 0
+    prediction = body.get("prediction")
+    if prediction is not None:
+        # Rejected prediction tokens are billed as output; bytes bound their tokens.
+        extra = len(orjson.dumps(prediction))
+    return ChatRequest(
+        body=body,
+        model=model,
+        stream=bool(stream),
+        client_wants_usage=wants_usage,
+        n=n,
+        # Both caps sent: the provider honours one of them; the larger bounds either.
+        output_cap=max(caps) if caps else None,
+        tools=names,
+        message_count=len(messages),
+        extra_output_tokens=extra,
+        web_search=body.get("web_search_options") is not None,
+        raw_size=len(raw),
+    )
+
+
+def upstream_body(req: ChatRequest, cap: int, upstream_model: str, provider_is_openai: bool) -> bytes:
+    """The body sent upstream: the model name as the provider knows it, the output cap ResGov
+    reserved for, and usage reporting switched on for streams."""
+    body = req.body
+    body["model"] = upstream_model
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        body["max_completion_tokens"] = cap
+        if body.get("max_tokens") is not None:
+            body["max_tokens"] = cap
+    elif body.get("max_tokens") is not None:
+        body["max_tokens"] = cap
+    elif provider_is_openai and _REASONING_MODEL.match(upstream_model):
+        body["max_completion_tokens"] = cap
+    else:
+        body["max_tokens"] = cap
+    if req.stream:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+    return orjson.dumps(body)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("token count must be a non-negative integer")
+    return value
+
+
+def usage_from_openai(usage: Any) -> Usage | None:
+    """OpenAI's ``usage`` object, split by price; ``None`` if it is missing or malformed."""
+    if not isinstance(usage, dict):
+        return None
+    try:
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
+        completion = _int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        cached = _int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        audio_in = _int(details.get("audio_tokens") or 0) if isinstance(details, dict) else 0
+        audio_out = _int(out_details.get("audio_tokens") or 0) if isinstance(out_details, dict) else 0
+    except ValueError:
+        return None
+    cached = min(cached, prompt)
+    audio_in = min(audio_in, prompt - cached)
+    audio_out = min(audio_out, completion)
+    return Usage(
+        input_tokens=prompt - cached - audio_in,
+        output_tokens=completion - audio_out,
+        cache_read_tokens=cached,
+        input_audio_tokens=audio_in,
+        output_audio_tokens=audio_out,
+    )
+
+
+def _string_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string inside a JSON value (content, tool arguments, reasoning)."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict):
+        return sum(_string_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_string_bytes(v) for v in value)
+    return 0
+
+
+def response_content_bytes(body: Any) -> int:
+    """Bytes of generated content in a non-streaming response (a bound on its output tokens)."""
+    if not isinstance(body, dict):
+        return 0
+    choices = body.get("choices")
+    return _string_bytes([c.get("message") for c in choices if isinstance(c, dict)]) if isinstance(choices, list) else 0
+
+
+@dataclass(slots=True)
+class ChatStreamScanner:
+    """Watches an OpenAI chat stream: usage, content bytes, the upstream id.
+
+    When the client did not ask for usage, the usage-only chunk ResGov requested is
+    dropped, so the client sees the stream it asked for. ``[DONE]`` is held back
+    (``hold_done``) so the call can be settled before the last byte leaves.
+    """
+
+    strip_usage: bool
+    usage: dict[str, Any] | None = None
+    content_bytes: int = 0
+    upstream_id: str | None = None
+    done: bool = False
+    held: bytes = b""
+    splitter: SSESplitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.splitter = SSESplitter(self._event)
+
+    def _event(self, event: bytes) -> bool:
+        data = event_data(event)
+        if not data:
+            return True
+        if data == b"[DONE]":
+            self.done = True
+            self.held += event
+            return False
+        if self.done:
+            self.held += event
+            return False
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if self.upstream_id is None and isinstance(chunk.get("id"), str):
+            self.upstream_id = chunk["id"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self.content_bytes += _string_bytes(choice.get("delta"))
+            if not choices and usage is not None and self.strip_usage:
+                return False
+        return True
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes from upstream in, bytes to forward out."""
+        return self.splitter.feed(data)
+
+    def finish(self) -> bytes:
+        """The end of the stream: any unterminated tail, then the held ``[DONE]``."""
+        tail = self.splitter.flush()
+        held, self.held = self.held, b""
+        return tail + held

@@ -1,0 +1,99 @@
+"""An incremental Server-Sent Events splitter that never alters what it forwards.
+
+Upstream bytes arrive in arbitrary TCP-sized pieces: an event may be split inside a
+``data:`` line or inside its JSON. The splitter forwards only whole events, keeps
+the incomplete tail for the next piece, and lets its owner inspect (and, rarely,
+drop) each event. Events are forwarded byte for byte as the upstream wrote them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+#: Inspect one complete event (raw bytes including its terminating blank line);
+#: return False to drop it from the forwarded stream.
+EventHook = Callable[[bytes], bool]
+
+
+def event_data(event: bytes) -> bytes:
+    """The ``data`` payload of one event (multi-line data joined with newlines)."""
+    parts = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts)
+
+
+def event_name(event: bytes) -> bytes | None:
+    """The ``event:`` field of one event, if any."""
+    for line in event.splitlines():
+        if line.startswith(b"event:"):
+            return line[6:].strip()
+    return None
+
+
+class SSESplitter:
+    """Feed upstream bytes, get back whole events to forward."""
+
+    __slots__ = ("_buffer", "_hook", "held_bytes")
+
+    def __init__(self, hook: EventHook) -> None:
+        self._buffer = b""
+        self._hook = hook
+        self.held_bytes = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Accept a piece of the upstream stream; return the bytes to forward now."""
+        buffer = self._buffer + data if self._buffer else data
+        end = _last_boundary(buffer)
+        if end < 0:
+            self._buffer = buffer
+            return b""
+        complete, self._buffer = buffer[:end], buffer[end:]
+        out = bytearray()
+        for event in _events(complete):
+            if self._hook(event):
+                out += event
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """Whatever is left at the end of the stream (an unterminated last event), inspected too."""
+        tail, self._buffer = self._buffer, b""
+        if not tail.strip():
+            return tail
+        return tail if self._hook(tail) else b""
+
+
+def _last_boundary(buffer: bytes) -> int:
+    """Index just past the last event terminator (blank line), or -1."""
+    best = -1
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = buffer.rfind(sep)
+        if i >= 0:
+            best = max(best, i + len(sep))
+    return best
+
+
+def _events(chunk: bytes) -> list[bytes]:
+    """Split a run of complete events, keeping each one's terminator attached."""
+    if b"\r" in chunk:
+        out: list[bytes] = []
+        start = 0
+        i = 0
+        n = len(chunk)
+        while i < n:
+            for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
+                if chunk.startswith(sep, i):
+                    out.append(chunk[start : i + len(sep)])
+                    i += len(sep)
+                    start = i
+                    break
+            else:
+                i += 1
+        if start < n:
+            out.append(chunk[start:])
+        return out
+    pieces = chunk.split(b"\n\n")
+    # split() leaves an empty string after the final terminator.
+    return [p + b"\n\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])

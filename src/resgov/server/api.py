@@ -1,0 +1,277 @@
+"""The control plane (FastAPI): health, keys, agents' budgets, audit. Not on the hot path."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from resgov import __version__
+from resgov.config.rgf import NAME_RE
+from resgov.core.errors import InvalidValue, NotFound, ResGovError, Unauthorized
+from resgov.core.money import to_units
+from resgov.ledger.store import ApiKeyRecord, AuditQuery
+from resgov.server.auth import SCOPES, admin_token_matches, key_from_headers, new_key
+from resgov.server.runtime import Runtime
+
+
+class Caller(BaseModel):
+    """Who is asking: the admin (every org) or one org's key."""
+
+    admin: bool
+    org: str | None
+    key: ApiKeyRecord | None = None
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+def runtime(request: Request) -> Runtime:
+    """The Runtime of the app serving this request."""
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _caller_dep(scope: str) -> Any:
+    async def dep(
+        request: Request,
+        x_admin_token: Annotated[str | None, Header()] = None,
+    ) -> Caller:
+        rt = runtime(request)
+        if x_admin_token is not None:
+            if not rt.settings.admin_enabled:
+                raise Unauthorized("Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
+                                   reason="admin_disabled")  # fmt: skip
+            if not admin_token_matches(rt.settings.admin_token, x_admin_token):
+                raise Unauthorized("Invalid admin token.", reason="invalid_admin_token")
+            return Caller(admin=True, org=None)
+        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
+        record = await rt.keys.authenticate(key_from_headers(headers), scope)
+        return Caller(admin=False, org=record.org, key=record)
+
+    return Depends(dep)
+
+
+async def admin_only(
+    request: Request, x_admin_token: Annotated[str | None, Header()] = None
+) -> None:
+    """Admin routes: a valid ``X-Admin-Token`` or 401."""
+    rt = runtime(request)
+    if not rt.settings.admin_enabled:
+        raise Unauthorized("Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
+                           reason="admin_disabled")  # fmt: skip
+    if not admin_token_matches(rt.settings.admin_token, x_admin_token):
+        raise Unauthorized("Missing or invalid X-Admin-Token.", reason="invalid_admin_token")
+
+
+class GenerateKeyBody(BaseModel):
+    """``POST /api/v1/admin/generate-key``."""
+
+    model_config = ConfigDict(extra="forbid")
+    org_id: str = Field(pattern=NAME_RE.pattern)
+    name: str = Field("default", min_length=1, max_length=128)
+    scopes: list[str] | None = None
+    agent_id: str | None = Field(None, pattern=NAME_RE.pattern)
+    expires_in_seconds: int | None = Field(None, gt=0, le=10 * 365 * 86400)
+
+
+class GeneratedKey(BaseModel):
+    """The new key, shown once."""
+
+    api_key: str
+    key_id: str
+    org_id: str
+    name: str
+    scopes: list[str]
+    agent_id: str | None
+    expires_at: float | None
+
+
+class KeyInfo(BaseModel):
+    """A key as listed: never the key itself, only its id and a short prefix."""
+
+    key_id: str
+    org_id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    agent_id: str | None
+    created_at: float
+    expires_at: float | None
+    revoked: bool
+
+
+class BudgetWindow(BaseModel):
+    """One budget, in its current window."""
+
+    level: str
+    period: str
+    limit: float
+    spent: float
+    reserved: float
+    remaining: float
+    currency: str
+    resets_at: str | None
+
+
+class AgentBudgets(BaseModel):
+    """``GET /api/v1/agents/{id}``."""
+
+    agent_id: str
+    org_id: str
+    budgets: list[BudgetWindow]
+    allowed_models: list[str] | None
+    allowed_tools: list[str] | None
+    max_tokens_per_request: int | None
+
+
+class Health(BaseModel):
+    """``GET /health``."""
+
+    status: str
+    version: str
+    store: dict[str, Any]
+    policy: dict[str, Any]
+
+
+def _key_info(r: ApiKeyRecord) -> KeyInfo:
+    return KeyInfo(
+        key_id=r.key_id, org_id=r.org, name=r.name, prefix=r.prefix, scopes=list(r.scopes), agent_id=r.agent_id,
+        created_at=r.created_at, expires_at=r.expires_at, revoked=r.revoked_at is not None,
+    )  # fmt: skip
+
+
+def build_router() -> APIRouter:
+    """All control-plane routes."""
+    router = APIRouter()
+
+    @router.get("/health", response_model=Health, tags=["health"])
+    async def health(request: Request) -> Health:
+        rt = runtime(request)
+        reachable = await rt.store.ping()
+        rt.store_ok = reachable
+        policy_ok = rt.policies.error is None
+        return Health(
+            status="ok" if reachable and policy_ok else "degraded",
+            version=__version__,
+            store={"backend": rt.store.name, "reachable": reachable},
+            policy={"source": rt.policy.source, "ok": policy_ok, "error": rt.policies.error,
+                    "reloads": rt.policies.reloads},
+        )  # fmt: skip
+
+    @router.post("/api/v1/admin/generate-key", response_model=GeneratedKey, dependencies=[Depends(admin_only)],
+                 tags=["admin"])  # fmt: skip
+    async def generate_key(body: GenerateKeyBody, request: Request) -> GeneratedKey:
+        rt = runtime(request)
+        scopes = tuple(body.scopes) if body.scopes else SCOPES
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad:
+            raise InvalidValue(f"Unknown scopes: {', '.join(bad)}. Known: {', '.join(SCOPES)}.", reason="invalid_scope")
+        expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
+        secret, record = new_key(body.org_id, body.name, scopes=scopes, agent_id=body.agent_id, expires_at=expires)
+        await rt.store.put_api_key(record)
+        return GeneratedKey(api_key=secret, key_id=record.key_id, org_id=record.org, name=record.name,
+                            scopes=list(record.scopes), agent_id=record.agent_id, expires_at=expires)  # fmt: skip
+
+    @router.get("/api/v1/admin/keys", response_model=list[KeyInfo], dependencies=[Depends(admin_only)],
+                tags=["admin"])  # fmt: skip
+    async def list_keys(request: Request, org_id: str | None = None) -> list[KeyInfo]:
+        return [_key_info(r) for r in await runtime(request).store.list_api_keys(org_id)]
+
+    @router.delete("/api/v1/admin/keys/{key_id}", dependencies=[Depends(admin_only)], tags=["admin"])
+    async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
+        rt = runtime(request)
+        if not await rt.store.revoke_api_key(None, key_id):
+            raise NotFound(f"No active key '{key_id}'.", reason="key_not_found")
+        rt.keys.forget(key_id)
+        return {"key_id": key_id, "revoked": True}
+
+    @router.get("/api/v1/agents/{agent_id}", response_model=AgentBudgets, tags=["agents"])
+    async def get_agent(
+        agent_id: str,
+        request: Request,
+        caller: Caller = _caller_dep("read"),
+        org_id: Annotated[str | None, Query()] = None,
+    ) -> AgentBudgets:
+        rt = runtime(request)
+        policy = rt.policy
+        org = caller.org if not caller.admin else (org_id or _only_org(rt, agent_id))
+        if caller.key is not None and caller.key.agent_id not in (None, agent_id):
+            raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
+        agent = policy.agents.get((org or "", agent_id))
+        if agent is None:
+            raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
+        lines = policy.budget_lines(agent, datetime.now(UTC))
+        states = await rt.store.line_states(agent.org, [line.key for line in lines])
+        cur = policy.global_.currency
+        windows = []
+        for line in lines:
+            state = states[line.key]
+            windows.append(BudgetWindow(
+                level=line.level, period=line.period, limit=to_units(line.limit), spent=to_units(state.spent),
+                reserved=to_units(state.reserved), remaining=to_units(max(0, line.limit - state.used)), currency=cur,
+                resets_at=datetime.fromtimestamp(line.resets_at, UTC).isoformat().replace("+00:00", "Z")
+                if line.resets_at else None,
+            ))  # fmt: skip
+        return AgentBudgets(
+            agent_id=agent_id, org_id=agent.org, budgets=windows,
+            allowed_models=list(agent.allowed_models) if agent.allowed_models is not None else None,
+            allowed_tools=list(agent.allowed_tools) if agent.allowed_tools is not None else None,
+            max_tokens_per_request=agent.max_tokens_per_request,
+        )  # fmt: skip
+
+    @router.get("/api/v1/audit", tags=["audit"])
+    async def audit(
+        request: Request,
+        caller: Caller = _caller_dep("read"),
+        agent_id: str | None = None,
+        status: str | None = None,
+        org_id: str | None = None,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        rt = runtime(request)
+        org = org_id if caller.admin else caller.org
+        rows = await rt.store.audit(AuditQuery(org=org, agent=agent_id, status=status, after_seq=after, limit=limit))
+        items = []
+        for seq, entry in rows:
+            item = entry.public()
+            item["seq"] = seq
+            for field in ("reserved", "actual"):
+                item[field] = to_units(item[field])
+            items.append(item)
+        return {"items": items, "next_after": rows[-1][0] if rows else None}
+
+    return router
+
+
+def _only_org(rt: Runtime, agent_id: str) -> str | None:
+    """For the admin without ``?org_id=``: the agent's org if exactly one org has that agent."""
+    orgs = [org for (org, agent) in rt.policy.agents if agent == agent_id]
+    if len(orgs) > 1:
+        raise InvalidValue(f"Agent '{agent_id}' exists in several orgs; pass ?org_id=.", reason="ambiguous_agent")
+    return orgs[0] if orgs else None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One mapping from exceptions to JSON errors for the control plane."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import ORJSONResponse
+
+    @app.exception_handler(ResGovError)
+    async def _resgov(_: Request, exc: ResGovError) -> ORJSONResponse:
+        return ORJSONResponse({"error": exc.body()}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        json_error = any(e.get("type") == "json_invalid" for e in exc.errors())
+        status = 400 if json_error else 422
+        return ORJSONResponse(
+            {"error": {"type": "invalid_request_error" if json_error else "invalid_value",
+                       "message": "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems),
+                       "reason": "invalid_json" if json_error else "invalid_value", "problems": problems}},
+            status_code=status,
+        )  # fmt: skip
+

@@ -1,0 +1,68 @@
+"""The ASGI application: raw handlers for proxied routes, FastAPI for everything else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from resgov import __version__
+from resgov.config.settings import Settings
+from resgov.core.policy import Policy
+from resgov.ledger.store import Store
+from resgov.server.api import build_router, install_error_handlers
+from resgov.server.asgi import Receive, Scope, Send
+from resgov.server.proxy import ChatProxy
+from resgov.server.runtime import PolicyHolder, Runtime
+
+log = logging.getLogger("resgov")
+
+
+class ResGovApp:
+    """Dispatches proxied routes to raw handlers before FastAPI sees them (the hot path)."""
+
+    def __init__(self, runtime: Runtime, api: FastAPI) -> None:
+        self.runtime = runtime
+        self.api = api
+        chat = ChatProxy(runtime)
+        self.routes = {("POST", chat.route): chat, ("POST", "/chat/completions"): chat}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.api(scope, receive, send)  # type: ignore[arg-type]
+
+
+def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
+    """Build the app. Resources are opened and closed by its lifespan."""
+    holder = PolicyHolder(policy=policy, path=settings.config_path)
+    runtime = Runtime(settings=settings, store=store, policies=holder)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not settings.admin_enabled:
+            log.warning(
+                "admin API disabled: RESGOV_ADMIN_TOKEN is %s (it must be at least 32 characters)",
+                "missing" if not settings.admin_token else "too short",
+            )
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    api = FastAPI(
+        title="ResGov",
+        version=__version__,
+        description="Budget firewall for AI agents: OpenAI/Anthropic-compatible proxy and governance API.",
+        lifespan=lifespan,
+    )
+    api.state.runtime = runtime
+    api.include_router(build_router())
+    install_error_handlers(api)
+    return ResGovApp(runtime, api)

@@ -1,0 +1,511 @@
+"""The proxied call: auth → policy → reserve → upstream (streamed, no lock held) → finalize.
+
+Raw ASGI on purpose: this is the hot path, and a framework route here costs a
+measurable share of throughput (see bench/). Everything else is FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+
+from resgov.core.bounds import input_bound
+from resgov.core.budget import BudgetLine, LineState, SettleKind, remaining
+from resgov.core.errors import BudgetExceeded, Forbidden, ResGovError, StoreUnavailable, UpstreamFailure
+from resgov.core.money import NANO, format_money, to_units
+from resgov.core.policy import AgentPolicy, Policy, ProviderPolicy
+from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
+from resgov.ledger.store import AuditEntry, AuditStatus, ReserveRequest, SettleOutcome, SettleRequest, StoreError
+from resgov.providers.openai import (
+    ChatRequest,
+    ChatStreamScanner,
+    parse_chat,
+    response_content_bytes,
+    upstream_body,
+    usage_from_openai,
+)
+from resgov.server.asgi import JSON_CT, ClientGone, Headers, Receive, Scope, Send, read_body, send_bytes, send_error
+from resgov.server.auth import agent_for, key_from_headers
+from resgov.server.runtime import Runtime
+
+log = logging.getLogger("resgov.proxy")
+
+#: Never forwarded upstream: hop-by-hop headers, the client's ResGov credentials, and
+#: headers the proxy sets itself.
+_DROP_UPSTREAM = frozenset(
+    {
+        b"host", b"content-length", b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"authorization", b"x-api-key", b"accept-encoding",
+        b"cookie", b"expect", b"content-type",
+    }
+)  # fmt: skip
+_DROP_DOWNSTREAM = frozenset(
+    {
+        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "set-cookie",
+        "date", "server", "upgrade", "trailer", "proxy-authenticate",
+    }
+)  # fmt: skip
+#: Upstream bodies larger than this are not buffered (non-streaming answers are small).
+_MAX_UPSTREAM_BODY = 64 * 1024 * 1024
+_MEDIA_HINTS = (b'"image', b'"file', b'"document', b'"input_')
+
+
+def _decimal_str(nano: int) -> str:
+    return format(Decimal(nano) / NANO, "f")
+
+
+def budget_refusal(line: BudgetLine, used: int, required: int, currency: str, agent_id: str) -> BudgetExceeded:
+    """The brief's 403 body: ``Daily budget exceeded. Limit: $3.00, Spent: $2.98, Required: $0.15``."""
+    label = line.period.capitalize() if line.level == "agent" else f"Org {line.period}"
+    return BudgetExceeded(
+        f"{label} budget exceeded. Limit: {format_money(line.limit, currency)}, "
+        f"Spent: {format_money(used, currency)}, Required: {format_money(required, currency)}",
+        reason=line.reason,
+        agent_id=agent_id,
+    )
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything decided before the upstream is called."""
+
+    policy: Policy
+    agent: AgentPolicy
+    req: ChatRequest
+    provider: ProviderPolicy
+    upstream_model: str
+    price: ModelPrice
+    input_tokens: int
+    cap: int
+    amount: int
+    lines: list[BudgetLine]
+    shrunk: bool = False
+
+
+@dataclass(slots=True)
+class Settler:
+    """Settles one reservation exactly once, shielded from cancellation."""
+
+    rt: Runtime
+    rid: str
+    plan: Plan
+    outcome: SettleOutcome | None = None
+    usage: Usage | None = None
+    headers: Headers = field(default_factory=list)
+
+    async def settle(
+        self,
+        kind: SettleKind,
+        amount: int,
+        status: AuditStatus,
+        *,
+        reason: str | None = None,
+        http_status: int | None = None,
+        upstream_id: str | None = None,
+        usage: Usage | None = None,
+    ) -> SettleOutcome:
+        if self.outcome is not None:
+            return self.outcome
+        request = SettleRequest(
+            reservation_id=self.rid,
+            kind=kind,
+            amount=amount,
+            status=status,
+            reason=reason,
+            http_status=http_status,
+            input_tokens=usage.total_input if usage else None,
+            output_tokens=usage.total_output if usage else None,
+            upstream_request_id=upstream_id,
+            durable=self.plan.policy.global_.on_expired_reservation == "release",
+        )
+        self.usage = usage
+        self.outcome = await self.rt.shielded(lambda: self.rt.store.settle(request))
+        return self.outcome
+
+
+class ChatProxy:
+    """``POST /v1/chat/completions``."""
+
+    route = "/v1/chat/completions"
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt = self.rt
+        request_id = "rgr_" + uuid.uuid4().hex
+        started = time.time()
+        base_headers: Headers = [(b"x-resgov-request-id", request_id.encode())]
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        org: str | None = None
+        agent_id = ""
+        model = ""
+        try:
+            record = await rt.keys.authenticate(key_from_headers(headers), "proxy")
+            org = record.org
+            policy = rt.policy
+            raw = await read_body(receive, policy.global_.max_request_bytes)
+            header_agent = headers.get(b"x-resgov-agent-id")
+            agent_id = agent_for(record, header_agent.decode("latin-1").strip() if header_agent else None)
+            req = parse_chat(raw)
+            model = req.model
+            agent = policy.agent(org, agent_id)
+            plan = self._plan(policy, agent, req, raw)
+            rid = request_id
+            audit = AuditEntry(
+                request_id=rid, org=org, agent=agent_id, route=self.route, model=req.model,
+                provider=plan.provider.name, started_at=started,
+            )  # fmt: skip
+            states = await self._reserve(plan, rid, audit)
+        except ClientGone:
+            return
+        except ResGovError as err:
+            if org is not None:
+                status: AuditStatus = "denied" if err.status in (403, 429) else "rejected"
+                if isinstance(err, StoreUnavailable):
+                    status = "rejected"
+                with contextlib.suppress(Exception):
+                    await rt.store.record(
+                        AuditEntry(
+                            request_id=request_id, org=org, agent=agent_id, route=self.route, model=model,
+                            status=status, reason=err.reason, http_status=err.status, started_at=started,
+                            finished_at=time.time(),
+                        )  # fmt: skip
+                    )
+            await send_error(send, err, base_headers)
+            return
+        settler = Settler(rt, rid, plan)
+        rt.inflight[rid] = time.monotonic()
+        try:
+            if plan.req.stream:
+                await self._stream(plan, settler, headers, base_headers, receive, send, states)
+            else:
+                await self._unary(plan, settler, headers, base_headers, send)
+        finally:
+            rt.inflight.pop(rid, None)
+            if settler.outcome is None:
+                # Cancelled or failed mid-call: the upstream may have billed, so charge a
+                # bound (never more than reserved), flagged estimated.
+                await settler.settle("estimated", plan.amount, "estimated", reason="interrupted")
+
+    # -- before the upstream ---------------------------------------------------------------------
+
+    def _plan(self, policy: Policy, agent: AgentPolicy, req: ChatRequest, raw: bytes) -> Plan:
+        if not agent.model_allowed(req.model):
+            raise Forbidden(
+                f"Model '{req.model}' is not allowed for agent '{agent.agent_id}'.",
+                type="model_not_allowed",
+                reason="model_not_allowed",
+                agent_id=agent.agent_id,
+            )
+        agent.check_tools(req.tools)
+        limit = agent.max_tokens_per_request
+        if req.output_cap is not None and limit is not None and req.output_cap > limit:
+            raise Forbidden(
+                f"max_tokens {req.output_cap} exceeds max_tokens_per_request {limit} for agent '{agent.agent_id}'.",
+                type="max_tokens_exceeded",
+                reason="max_tokens_exceeded",
+                agent_id=agent.agent_id,
+            )
+        provider, upstream_model = policy.route(req.model)
+        price = policy.prices.lookup(req.model, provider.name, upstream_model, provider.base_url)
+        if price is None:
+            raise Forbidden(
+                f"No known price for model '{req.model}'; add it under [models.\"{req.model}\"] in the policy.",
+                type="unknown_model_price",
+                reason="unknown_model_price",
+                agent_id=agent.agent_id,
+            )
+        if req.web_search and price.per_web_search:
+            raise Forbidden(
+                "web_search_options adds per-search fees with no per-request limit; ResGov cannot bound its cost.",
+                type="unbounded_cost",
+                reason="unbounded_cost",
+                agent_id=agent.agent_id,
+            )
+        cap = req.output_cap or limit or price.max_output_tokens or policy.global_.default_max_tokens
+        walk = req.body.get("messages") if any(h in raw for h in _MEDIA_HINTS) else None
+        inb = input_bound(req.raw_size, walk, req.message_count, bool(req.tools), price.context_window)
+        amount = bound_cost(price, inb.tokens, (cap + req.extra_output_tokens) * req.n)
+        lines = policy.budget_lines(agent, datetime.now(UTC))
+        return Plan(policy, agent, req, provider, upstream_model, price, inb.tokens, cap, amount, lines)
+
+    async def _reserve(self, plan: Plan, rid: str, audit: AuditEntry) -> dict[str, LineState]:
+        store = self.rt.store
+        g = plan.policy.global_
+        ttl = g.reservation_ttl_seconds
+        try:
+            outcome = await store.reserve(ReserveRequest(rid, plan.agent.org, plan.agent.agent_id, plan.amount,
+                                                         plan.lines, ttl, audit))  # fmt: skip
+            if not outcome.ok and g.on_insufficient_budget == "shrink":
+                left = remaining(plan.lines, outcome.states) or 0
+                per_choice = affordable_output_tokens(plan.price, plan.input_tokens, left) // plan.req.n
+                per_choice -= plan.req.extra_output_tokens
+                if g.shrink_min_tokens <= per_choice < plan.cap:
+                    plan.cap = per_choice
+                    plan.amount = bound_cost(
+                        plan.price, plan.input_tokens, (per_choice + plan.req.extra_output_tokens) * plan.req.n
+                    )
+                    plan.shrunk = True
+                    outcome = await store.reserve(ReserveRequest(rid, plan.agent.org, plan.agent.agent_id,
+                                                                 plan.amount, plan.lines, ttl, audit))  # fmt: skip
+        except StoreError as exc:
+            self.rt.store_ok = False
+            log.error("store unavailable, refusing (fail_safe_action=deny): %s", exc)
+            raise StoreUnavailable(
+                "The budget ledger is unavailable; the call was not sent upstream (fail_safe_action = deny).",
+                reason="store_unavailable",
+            ) from exc
+        if not outcome.ok:
+            line = outcome.refused
+            assert line is not None
+            used = outcome.states.get(line.key, LineState()).used
+            raise budget_refusal(line, used, plan.amount, g.currency, plan.agent.agent_id)
+        return dict(outcome.states)
+
+    def _upstream(self, plan: Plan, client_headers: dict[bytes, bytes]) -> tuple[str, bytes, dict[str, str]]:
+        provider = plan.provider
+        is_openai = provider.name == "openai" or "api.openai.com" in provider.base_url
+        body = upstream_body(plan.req, plan.cap, plan.upstream_model, is_openai)
+        out: dict[str, str] = {}
+        for name, value in client_headers.items():
+            if name in _DROP_UPSTREAM or name.startswith(b"x-resgov-"):
+                continue
+            out[name.decode("latin-1")] = value.decode("latin-1")
+        out["content-type"] = "application/json"
+        out["accept-encoding"] = "identity"
+        key = self.rt.provider_key(provider)
+        if key:
+            out["authorization"] = f"Bearer {key}"
+        return f"{provider.base_url}/chat/completions", body, out
+
+    def _cost_headers(self, plan: Plan, states: dict[str, LineState] | Any) -> Headers:
+        left = remaining(plan.lines, states)
+        out: Headers = [(b"x-resgov-reserved", _decimal_str(plan.amount).encode())]
+        if left is not None:
+            out.append((b"x-resgov-remaining", _decimal_str(left).encode()))
+        if plan.shrunk:
+            out.append((b"x-resgov-shrunk-max-tokens", str(plan.cap).encode()))
+        return out
+
+    @staticmethod
+    def _downstream_headers(resp: aiohttp.ClientResponse) -> Headers:
+        return [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in resp.headers.items()
+            if k.lower() not in _DROP_DOWNSTREAM and not k.lower().startswith("x-resgov-")
+        ]
+
+    async def _open_upstream(
+        self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes], base: Headers, send: Send
+    ) -> aiohttp.ClientResponse | None:
+        """Send the request; on failure settle, answer the client, and return None."""
+        url, body, headers = self._upstream(plan, client_headers)
+        provider = plan.provider
+        session = self.rt.session
+        assert session is not None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout, connect=provider.connect_timeout)
+        try:
+            async with asyncio.timeout(provider.first_byte_timeout):
+                return await session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Never reached the provider: nothing can have been billed.
+            await settler.settle("release", 0, "upstream_error", reason="upstream_unreachable", http_status=502)
+            err: ResGovError = UpstreamFailure(
+                f"Upstream provider '{provider.name}' is unreachable: {type(exc).__name__}",
+                reason="upstream_unreachable", status=502, type="upstream_unreachable",
+            )  # fmt: skip
+        except TimeoutError:
+            # The request was sent; the provider may still generate and bill. A stream has
+            # produced nothing yet (input bound); a unary answer may be complete (full bound).
+            charge = bound_cost(plan.price, plan.input_tokens, 0) if plan.req.stream else plan.amount
+            await settler.settle("estimated", charge, "upstream_error", reason="upstream_timeout", http_status=504)
+            err = UpstreamFailure(
+                f"Upstream provider '{provider.name}' sent no response within {provider.first_byte_timeout:g}s.",
+                reason="upstream_timeout", status=504, type="upstream_timeout",
+            )  # fmt: skip
+        except aiohttp.ClientError as exc:
+            charge = bound_cost(plan.price, plan.input_tokens, 0) if plan.req.stream else plan.amount
+            await settler.settle("estimated", charge, "upstream_error", reason="upstream_failed", http_status=502)
+            err = UpstreamFailure(
+                f"Upstream provider '{provider.name}' failed: {type(exc).__name__}", reason="upstream_failed",
+                status=502,
+            )  # fmt: skip
+        await send_error(send, err, base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}))
+        return None
+
+    async def _upstream_error(self, plan: Plan, settler: Settler, resp: aiohttp.ClientResponse,
+                              base: Headers, send: Send) -> None:  # fmt: skip
+        """The provider refused: nothing was generated, so release in full and pass its answer on."""
+        try:
+            async with asyncio.timeout(plan.provider.idle_timeout):
+                body = await resp.content.read(_MAX_UPSTREAM_BODY)
+        except (TimeoutError, aiohttp.ClientError):
+            body = b""
+        finally:
+            resp.release()
+        upstream_id = resp.headers.get("x-request-id")
+        outcome = await settler.settle("release", 0, "upstream_error", reason=f"upstream_{resp.status}",
+                                       http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+        headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
+        if not body:
+            body = orjson.dumps({"error": {"type": "upstream_error", "message": f"Upstream returned {resp.status}"}})
+            headers.append(JSON_CT)
+        await send_bytes(send, resp.status, body, headers)
+
+    # -- non-streaming ---------------------------------------------------------------------------
+
+    async def _unary(self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes],
+                     base: Headers, send: Send) -> None:  # fmt: skip
+        resp = await self._open_upstream(plan, settler, client_headers, base, send)
+        if resp is None:
+            return
+        if resp.status >= 400:
+            await self._upstream_error(plan, settler, resp, base, send)
+            return
+        try:
+            async with asyncio.timeout(plan.provider.idle_timeout):
+                body = await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            resp.release()
+            # Headers arrived, so the answer was complete upstream: charge the bound.
+            await settler.settle("estimated", plan.amount, "estimated", reason="upstream_body_failed", http_status=502)
+            await send_error(
+                send,
+                UpstreamFailure(f"Upstream response was cut: {type(exc).__name__}", reason="upstream_cut", status=502),
+                base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}),
+            )
+            return
+        upstream_id = resp.headers.get("x-request-id")
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        usage = usage_from_openai(parsed.get("usage")) if isinstance(parsed, dict) else None
+        if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
+            upstream_id = upstream_id or parsed["id"]
+        if usage is not None:
+            outcome = await settler.settle("actual", usage_cost(plan.price, usage), "completed",
+                                           http_status=resp.status, upstream_id=upstream_id, usage=usage)  # fmt: skip
+        else:
+            produced = response_content_bytes(parsed) if parsed is not None else plan.cap * plan.req.n
+            estimate = bound_cost(plan.price, plan.input_tokens, produced) if parsed is not None else plan.amount
+            outcome = await settler.settle("estimated", estimate, "estimated", reason="no_usage",
+                                           http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+        cost = self._cost_object(plan, outcome, usage)
+        if isinstance(parsed, dict):
+            body = _splice_cost(body, cost)
+        headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
+        headers.append((b"x-resgov-cost", _decimal_str(outcome.charged).encode()))
+        await send_bytes(send, resp.status, body, headers)
+
+    def _cost_object(self, plan: Plan, outcome: SettleOutcome, usage: Usage | None) -> dict[str, Any]:
+        return {
+            "reserved": to_units(outcome.reserved or plan.amount),
+            "actual": to_units(outcome.charged),
+            "refund": to_units(outcome.refund),
+            "input_tokens": usage.total_input if usage else None,
+            "output_tokens": usage.total_output if usage else None,
+            "currency": plan.policy.global_.currency,
+            "estimated": usage is None,
+            "overage": outcome.overage > 0,
+        }
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    async def _stream(self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes], base: Headers,
+                      receive: Receive, send: Send, states: dict[str, LineState]) -> None:  # fmt: skip
+        resp = await self._open_upstream(plan, settler, client_headers, base, send)
+        if resp is None:
+            return
+        if resp.status >= 400:
+            await self._upstream_error(plan, settler, resp, base, send)
+            return
+        headers = self._downstream_headers(resp) + base + self._cost_headers(plan, states)
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        scanner = ChatStreamScanner(strip_usage=not plan.req.client_wants_usage)
+        gone = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    resp.close()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
+        ended = "eof"
+        ttl = plan.policy.global_.reservation_ttl_seconds
+        renew_every = max(ttl / 3, 0.2)
+        last_renew = time.monotonic()
+        idle = plan.provider.idle_timeout
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await resp.content.readany()
+                except TimeoutError:
+                    ended = "idle_timeout"
+                    break
+                except (aiohttp.ClientError, ConnectionError):
+                    ended = "client_disconnect" if gone.is_set() else "upstream_cut"
+                    break
+                if not chunk:
+                    if gone.is_set():
+                        ended = "client_disconnect"
+                    elif not scanner.done:
+                        ended = "upstream_cut"
+                    break
+                out = scanner.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if gone.is_set():
+                    ended = "client_disconnect"
+                    break
+                now = time.monotonic()
+                if now - last_renew >= renew_every:
+                    last_renew = now
+                    await self.rt.store.renew([settler.rid], ttl)
+        finally:
+            watcher.cancel()
+            resp.close()
+        usage = usage_from_openai(scanner.usage) if scanner.usage is not None else None
+        upstream_id = resp.headers.get("x-request-id") or scanner.upstream_id
+        if usage is not None:
+            await settler.settle("actual", usage_cost(plan.price, usage), "completed",
+                                 http_status=resp.status, upstream_id=upstream_id, usage=usage)  # fmt: skip
+        elif scanner.content_bytes == 0 and ended != "eof":
+            # No output ever flowed: nothing was generated for the client to pay for.
+            await settler.settle("release", 0, "upstream_error", reason=ended, http_status=resp.status,
+                                 upstream_id=upstream_id)  # fmt: skip
+        else:
+            estimate = bound_cost(plan.price, plan.input_tokens, scanner.content_bytes)
+            await settler.settle("estimated", estimate, "estimated", reason=ended if ended != "eof" else "no_usage",
+                                 http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+        tail = scanner.finish()
+        if ended in ("idle_timeout", "upstream_cut"):
+            message = "Upstream stalled" if ended == "idle_timeout" else "Upstream stream was cut"
+            tail += b"data: " + orjson.dumps({"error": {"type": ended, "message": message}}) + b"\n\n"
+        if not gone.is_set():
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def _splice_cost(body: bytes, cost: dict[str, Any]) -> bytes:
+    """Add ``resgov_cost`` to the upstream's JSON object without re-encoding the rest of it."""
+    stripped = body.rstrip()
+    if not stripped.endswith(b"}"):
+        return body
+    inner = stripped[:-1].rstrip()
+    sep = b"" if inner.endswith(b"{") else b","
+    return inner + sep + b'"resgov_cost":' + orjson.dumps(cost) + b"}"

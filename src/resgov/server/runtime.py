@@ -1,0 +1,158 @@
+"""What a running ResGov holds: the store, the current policy, the upstream pool, background work.
+
+Created by ``create_app`` and opened/closed by the app's lifespan; no module-level state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from resgov.config.rgf import PolicyError, load_policy
+from resgov.config.settings import Settings
+from resgov.core.policy import Policy, ProviderPolicy
+from resgov.ledger.store import Store
+from resgov.server.auth import KeyCache
+
+log = logging.getLogger("resgov")
+T = TypeVar("T")
+
+
+@dataclass
+class PolicyHolder:
+    """The policy in force. A reload validates first and swaps atomically; a bad file keeps the old one."""
+
+    policy: Policy
+    path: str | None = None
+    error: str | None = None
+    mtime: float | None = None
+    reloads: int = 0
+
+    def reload(self) -> bool:
+        """Re-read the file; True if a new policy is now in force."""
+        if not self.path:
+            return False
+        try:
+            self.mtime = os.stat(self.path).st_mtime
+            policy = load_policy(self.path)
+        except PolicyError as exc:
+            self.error = str(exc)
+            log.error("policy reload rejected, still enforcing the last good policy: %s", exc)
+            return False
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc}"
+            log.error("policy reload failed, still enforcing the last good policy: %s", self.error)
+            return False
+        self.policy = policy
+        self.error = None
+        self.reloads += 1
+        log.info("policy reloaded from %s", self.path)
+        return True
+
+    def changed_on_disk(self) -> bool:
+        """True when the file's modification time moved since the last load attempt."""
+        if not self.path:
+            return False
+        try:
+            return os.stat(self.path).st_mtime != self.mtime
+        except OSError:
+            return self.mtime is not None
+
+
+@dataclass
+class Runtime:
+    """Shared state of one ResGov process."""
+
+    settings: Settings
+    store: Store
+    policies: PolicyHolder
+    keys: KeyCache = field(init=False)
+    session: aiohttp.ClientSession | None = None
+    #: reservation id -> monotonic time of its last lease renewal, for every call in flight.
+    inflight: dict[str, float] = field(default_factory=dict)
+    settling: set[asyncio.Task[Any]] = field(default_factory=set)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+    store_ok: bool = True
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
+
+    @staticmethod
+    def provider_key(provider: ProviderPolicy) -> str | None:
+        """The provider's key, read from the environment at call time (never from the file, never logged)."""
+        return os.environ.get(provider.api_key_env) if provider.api_key_env else None
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now (callers keep the object for the whole call)."""
+        return self.policies.policy
+
+    async def start(self) -> None:
+        """Open the store and the upstream pool, start the sweeper and the policy watcher."""
+        await self.store.open()
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+        if self.policies.path and self.policies.mtime is None:
+            with contextlib.suppress(OSError):
+                self.policies.mtime = os.stat(self.policies.path).st_mtime
+        # Settle leases that expired while no process ran, before taking traffic.
+        await self.sweep_once()
+        self.background.append(asyncio.create_task(self._sweeper(), name="resgov-sweeper"))
+        self.background.append(asyncio.create_task(self._watch_policy(), name="resgov-policy-watch"))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self.policies.reload)
+
+    async def stop(self) -> None:
+        """Wait for every settlement, stop background work, flush the store."""
+        if self.settling:
+            await asyncio.wait(set(self.settling), timeout=self.settings.drain_seconds)
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+
+    async def sweep_once(self) -> int:
+        """Settle expired reservations now."""
+        try:
+            count = await self.store.sweep(self.policy.global_.on_expired_reservation)
+            self.store_ok = True
+        except Exception as exc:  # the sweeper must outlive a store outage
+            self.store_ok = False
+            log.error("sweeper: store unavailable: %s", exc)
+            return 0
+        if count:
+            log.warning("settled %d expired reservation(s) (%s mode)", count, self.policy.global_.on_expired_reservation)
+        return count
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            await self.sweep_once()
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.policies.changed_on_disk():
+                self.policies.reload()
+
+    def shielded(self, factory: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """Run a settlement so that cancelling the caller cannot cancel it, and track it for shutdown."""
+        task: asyncio.Task[T] = asyncio.ensure_future(factory())  # type: ignore[assignment]
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+        return asyncio.shield(task)
