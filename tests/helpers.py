@@ -39,8 +39,16 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
-                                     lifespan="on", log_level="warning", timeout_graceful_shutdown=10)  # fmt: skip
+        self.config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -76,7 +84,9 @@ class Ledger:
             conn.close()
 
     def lines(self) -> dict[tuple[str, str], tuple[int, int]]:
-        return {(o, k): (s, r) for o, k, s, r in self._rows("SELECT org, key, spent, reserved FROM budget_line")}
+        return {
+            (o, k): (s, r) for o, k, s, r in self._rows("SELECT org, key, spent, reserved FROM budget_line")
+        }
 
     def open_reservations(self) -> int:
         return int(self._rows("SELECT COUNT(*) FROM reservation")[0][0])
@@ -125,8 +135,12 @@ class Proxy:
         self.policy_path = tmp / "policy.rgf"
         self.policy_path.write_text(policy_text)
         policy = parse_policy(policy_text, str(self.policy_path))
-        self.settings = Settings(config_path=str(self.policy_path), store_url=f"sqlite:///{self.db}",
-                                 admin_token=ADMIN_TOKEN, **settings)  # fmt: skip
+        self.settings = Settings(
+            config_path=str(self.policy_path),
+            store_url=f"sqlite:///{self.db}",
+            admin_token=ADMIN_TOKEN,
+            **settings,
+        )
         self.app: ResGovApp = create_app(self.settings, SQLiteStore(self.db), policy)
         self.server = ServerThread(self.app)
         self.ledger = Ledger(self.db)
@@ -143,17 +157,24 @@ class Proxy:
         self.server.__exit__(*exc)
 
     def key(self, org: str = "default", **extra: Any) -> str:
-        r = httpx.post(f"{self.url}/api/v1/admin/generate-key", headers={"X-Admin-Token": ADMIN_TOKEN},
-                       json={"org_id": org, "name": "test", **extra})  # fmt: skip
+        r = httpx.post(
+            f"{self.url}/api/v1/admin/generate-key",
+            headers={"X-Admin-Token": ADMIN_TOKEN},
+            json={"org_id": org, "name": "test", **extra},
+        )
         r.raise_for_status()
         return str(r.json()["api_key"])
 
 
 def policy_for(sim_url: str, agents: str, global_extra: str = "", models: str | None = None) -> str:
     """A policy routing the ``sim`` provider (and bare names) to a simulator, with fixed prices."""
-    prices = models if models is not None else (
-        '[models."sim/gpt-sim"]\ninput_per_mtok = 1.00\noutput_per_mtok = 4.00\n'
-        '[models."gpt-sim"]\ninput_per_mtok = 1.00\noutput_per_mtok = 4.00\n'
+    prices = (
+        models
+        if models is not None
+        else (
+            '[models."sim/gpt-sim"]\ninput_per_mtok = 1.00\noutput_per_mtok = 4.00\n'
+            '[models."gpt-sim"]\ninput_per_mtok = 1.00\noutput_per_mtok = 4.00\n'
+        )
     )
     return f"""
 [global]
@@ -174,19 +195,41 @@ idle_timeout = 2
 
 
 @contextlib.contextmanager
-def resgov_process(tmp: Path, policy_text: str, env: dict[str, str] | None = None,
-                   port: int | None = None, db: str | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:  # fmt: skip
+def resgov_process(
+    tmp: Path,
+    policy_text: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    db: str | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``resgov serve`` as a real process (for signals and kill -9)."""
     port = port or free_port()
     policy = tmp / "proc.rgf"
     policy.write_text(policy_text)
-    full_env = {**os.environ, "RESGOV_ADMIN_TOKEN": ADMIN_TOKEN, "RESGOV_STORE": f"sqlite:///{db or tmp / 'resgov.db'}",
-                **(env or {})}  # fmt: skip
+    full_env = {
+        **os.environ,
+        "RESGOV_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RESGOV_STORE": f"sqlite:///{db or tmp / 'resgov.db'}",
+        **(env or {}),
+    }
     log = open(tmp / f"server-{port}.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "resgov.cli", "serve", "--config", str(policy), "--port", str(port), "--log-level", "warning"],
-        env=full_env, stdout=log, stderr=log,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "resgov.cli",
+            "serve",
+            "--config",
+            str(policy),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=full_env,
+        stdout=log,
+        stderr=log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 20

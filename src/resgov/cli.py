@@ -18,14 +18,20 @@ from resgov.config.rgf import PolicyError, describe, load_policy, parse_policy
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
 
-app = typer.Typer(help="ResGov: the budget firewall between AI agents and the money they spend.", no_args_is_help=True)
+app = typer.Typer(
+    help="ResGov: the budget firewall between AI agents and the money they spend.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="Manage API keys directly in the store (works beside a running server).")
 app.add_typer(keys_app, name="keys")
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Policy file (.rgf); default $RESGOV_CONFIG or ./.rgf")]
-StoreOpt = Annotated[str | None, typer.Option("--store", help="Ledger URL; default $RESGOV_STORE or sqlite:///resgov.db")]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="Policy file (.rgf); default $RESGOV_CONFIG or ./.rgf")
+]
+StoreOpt = Annotated[
+    str | None, typer.Option("--store", help="Ledger URL; default $RESGOV_STORE or sqlite:///resgov.db")
+]
 
 
 def _config_path(config: str | None) -> str | None:
@@ -37,7 +43,9 @@ def _config_path(config: str | None) -> str | None:
 
 def _load(path: str | None) -> Policy:
     if path is None:
-        err_console.print("[yellow]No policy file (--config, $RESGOV_CONFIG or ./.rgf): no agent can spend.[/]")
+        err_console.print(
+            "[yellow]No policy file (--config, $RESGOV_CONFIG or ./.rgf): no agent can spend.[/]"
+        )
         return parse_policy("", "<empty>")
     return load_policy(path)
 
@@ -64,7 +72,9 @@ def serve(
     except PolicyError as exc:
         err_console.print(f"[red]resgov: refusing to start: {exc}[/]")
         raise typer.Exit(2) from None
-    settings = Settings.from_env(config_path=path, store_url=store, host=host, port=port, drain_seconds=drain_seconds)
+    settings = Settings.from_env(
+        config_path=path, store_url=store, host=host, port=port, drain_seconds=drain_seconds
+    )
     application = create_app(settings, store_from_url(settings.store_url), policy)
     uvicorn.run(
         application,
@@ -99,7 +109,9 @@ def check(config: ConfigOpt = None) -> None:
 @app.command()
 def demo(
     budget: Annotated[str, typer.Option(help="The runaway agent's daily budget, in USD")] = "0.05",
-    max_calls: Annotated[int, typer.Option(help="Stop the loop after this many calls if the budget never does")] = 500,
+    max_calls: Annotated[
+        int, typer.Option(help="Stop the loop after this many calls if the budget never does")
+    ] = 500,
 ) -> None:
     """Watch ResGov stop a runaway agent loop at its budget (no keys, no services needed)."""
     from resgov.demo import run_demo
@@ -118,7 +130,9 @@ def keys_create(
     org: Annotated[str, typer.Option(help="Organisation the key acts for")],
     name: Annotated[str, typer.Option(help="A label for the key")] = "cli",
     agent: Annotated[str | None, typer.Option(help="Bind the key to one agent")] = None,
-    scopes: Annotated[str | None, typer.Option(help="Comma-separated: proxy,read,write (default all)")] = None,
+    scopes: Annotated[
+        str | None, typer.Option(help="Comma-separated: proxy,read,write (default all)")
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
@@ -135,7 +149,9 @@ def keys_create(
     secret, record = new_key(org, name, scopes=scope_list, agent_id=agent)
     asyncio.run(_put_key(store, record))
     console.print(secret, highlight=False, soft_wrap=True)
-    err_console.print(f"key {record.key_id} for org {org} ({', '.join(record.scopes)}); shown once, stored hashed.")
+    err_console.print(
+        f"key {record.key_id} for org {org} ({', '.join(record.scopes)}); shown once, stored hashed."
+    )
 
 
 async def _put_key(store_url: str | None, record: object) -> None:
@@ -153,7 +169,9 @@ async def _put_key(store_url: str | None, record: object) -> None:
 
 
 @keys_app.command("list")
-def keys_list(org: Annotated[str | None, typer.Option(help="Only this org")] = None, store: StoreOpt = None) -> None:
+def keys_list(
+    org: Annotated[str | None, typer.Option(help="Only this org")] = None, store: StoreOpt = None
+) -> None:
     """List keys (ids and prefixes only; keys themselves are never stored)."""
 
     async def run() -> None:
@@ -163,8 +181,14 @@ def keys_list(org: Annotated[str | None, typer.Option(help="Only this org")] = N
         await s.open()
         try:
             for r in await s.list_api_keys(org):
-                state = "revoked" if r.revoked_at else ("expired" if r.expires_at and r.expires_at < time.time() else "active")
-                console.print(f"{r.key_id}  {r.org}  {r.name}  {r.prefix}…  {','.join(r.scopes)}  {r.agent_id or '-'}  {state}")
+                state = (
+                    "revoked"
+                    if r.revoked_at
+                    else ("expired" if r.expires_at and r.expires_at < time.time() else "active")
+                )
+                console.print(
+                    f"{r.key_id}  {r.org}  {r.name}  {r.prefix}…  {','.join(r.scopes)}  {r.agent_id or '-'}  {state}"
+                )
         finally:
             await s.close()
 

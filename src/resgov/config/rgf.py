@@ -121,7 +121,7 @@ class OrgSection(_Budgets):
 class RgfFile(_Section):
     """The whole file."""
 
-    global_: GlobalSection = Field(default_factory=GlobalSection, alias="global")  # type: ignore[arg-type]
+    global_: GlobalSection = Field(default_factory=GlobalSection, alias="global")
     providers: dict[str, ProviderSection] = Field(default_factory=dict)
     models: dict[str, ModelSection] = Field(default_factory=dict)
     orgs: dict[str, OrgSection] = Field(default_factory=dict)
@@ -140,7 +140,9 @@ class RgfFile(_Section):
 BUILTIN_PROVIDERS: dict[str, ProviderPolicy] = {
     "openai": ProviderPolicy("openai", "https://api.openai.com/v1", "openai", "OPENAI_API_KEY"),
     "anthropic": ProviderPolicy("anthropic", "https://api.anthropic.com", "anthropic", "ANTHROPIC_API_KEY"),
-    "openrouter": ProviderPolicy("openrouter", "https://openrouter.ai/api/v1", "openai", "OPENROUTER_API_KEY"),
+    "openrouter": ProviderPolicy(
+        "openrouter", "https://openrouter.ai/api/v1", "openai", "OPENROUTER_API_KEY"
+    ),
 }
 
 
@@ -200,15 +202,15 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
     problems: list[tuple[str, str]] = []
     g = rgf.global_
     providers = dict(BUILTIN_PROVIDERS)
-    for name, section in rgf.providers.items():
+    for name, prov in rgf.providers.items():
         providers[name] = ProviderPolicy(
             name=name,
-            base_url=section.base_url.rstrip("/"),
-            format=section.format,
-            api_key_env=section.api_key_env,
-            connect_timeout=section.connect_timeout,
-            first_byte_timeout=section.first_byte_timeout,
-            idle_timeout=section.idle_timeout,
+            base_url=prov.base_url.rstrip("/"),
+            format=prov.format,
+            api_key_env=prov.api_key_env,
+            connect_timeout=prov.connect_timeout,
+            first_byte_timeout=prov.first_byte_timeout,
+            idle_timeout=prov.idle_timeout,
         )
     if g.default_provider not in providers:
         problems.append(("global.default_provider", f"no provider named {g.default_provider!r}"))
@@ -250,7 +252,9 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
         overrides[name] = ModelPrice(
             input=Rate(price_per_mtok(m.input_per_mtok)),
             output=Rate(price_per_mtok(m.output_per_mtok)),
-            cache_read=Rate(price_per_mtok(m.cache_read_per_mtok)) if m.cache_read_per_mtok is not None else None,
+            cache_read=Rate(price_per_mtok(m.cache_read_per_mtok))
+            if m.cache_read_per_mtok is not None
+            else None,
             cache_write=Rate(price_per_mtok(m.cache_write_per_mtok))
             if m.cache_write_per_mtok is not None
             else None,
@@ -280,7 +284,9 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
         default_max_tokens=g.default_max_tokens,
         max_request_bytes=g.max_request_bytes,
     )
-    return Policy(global_=global_, providers=providers, agents=agents, orgs=orgs, prices=prices, source=source)
+    return Policy(
+        global_=global_, providers=providers, agents=agents, orgs=orgs, prices=prices, source=source
+    )
 
 
 def describe(policy: Policy) -> list[str]:
@@ -307,7 +313,7 @@ def describe(policy: Policy) -> list[str]:
         models = ", ".join(a.allowed_models) if a.allowed_models is not None else "any priced model"
         tools = ", ".join(a.allowed_tools) if a.allowed_tools is not None else "any"
         cap = a.max_tokens_per_request or f"client's, else {g.default_max_tokens}"
-        out.append(f"agent {org_id}/{agent_id}: {budgets}; models: {models}; tools: {tools}; max_tokens {cap}")
+        out.append(
+            f"agent {org_id}/{agent_id}: {budgets}; models: {models}; tools: {tools}; max_tokens {cap}"
+        )
     return out
-
-

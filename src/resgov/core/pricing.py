@@ -130,9 +130,7 @@ def usage_cost(price: ModelPrice, usage: Usage) -> int:
         # has no audio price: never under-charge.
         usage.input_audio_tokens * max(inp, price.input_audio.at(tier_basis) if price.input_audio else 0),
         usage.output_audio_tokens
-        * max(
-            price.output.at(tier_basis), price.output_audio.at(tier_basis) if price.output_audio else 0
-        ),
+        * max(price.output.at(tier_basis), price.output_audio.at(tier_basis) if price.output_audio else 0),
     ]
     total = ceil_div(sum(parts), PER_MTOK) + price.per_request
     if usage.web_searches and price.per_web_search:
@@ -261,7 +259,12 @@ class PriceBook:
     _memo: dict[tuple[str, str, str, str], ModelPrice | None] = field(default_factory=dict)
 
     def lookup(
-        self, client_model: str, provider: str, upstream_model: str, base_url: str, when: datetime | None = None
+        self,
+        client_model: str,
+        provider: str,
+        upstream_model: str,
+        base_url: str,
+        when: datetime | None = None,
     ) -> ModelPrice | None:
         """The price for a call, or ``None`` when no source knows the model."""
         found = self.overrides.get(client_model) or self.overrides.get(f"{provider}/{upstream_model}")

@@ -86,24 +86,77 @@ _MAX_BATCH = 1024
 
 def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
     return (
-        e.request_id, e.org, e.agent, e.kind, e.route, e.model, e.provider, e.status, e.reason,
-        e.http_status, e.reserved, e.actual, int(e.overage), int(e.estimated), int(e.expired),
-        e.input_tokens, e.output_tokens, e.upstream_request_id, e.started_at, e.finished_at,
+        e.request_id,
+        e.org,
+        e.agent,
+        e.kind,
+        e.route,
+        e.model,
+        e.provider,
+        e.status,
+        e.reason,
+        e.http_status,
+        e.reserved,
+        e.actual,
+        int(e.overage),
+        int(e.estimated),
+        int(e.expired),
+        e.input_tokens,
+        e.output_tokens,
+        e.upstream_request_id,
+        e.started_at,
+        e.finished_at,
         json.dumps(e.detail) if e.detail else None,
-    )  # fmt: skip
+    )
 
 
 def _audit_from_row(row: Sequence[Any]) -> AuditEntry:
-    (request_id, org, agent, kind, route, model, provider, status, reason, http_status, reserved, actual,
-     overage, estimated, expired, input_tokens, output_tokens, upstream_request_id, started_at, finished_at,
-     detail) = row  # fmt: skip
+    (
+        request_id,
+        org,
+        agent,
+        kind,
+        route,
+        model,
+        provider,
+        status,
+        reason,
+        http_status,
+        reserved,
+        actual,
+        overage,
+        estimated,
+        expired,
+        input_tokens,
+        output_tokens,
+        upstream_request_id,
+        started_at,
+        finished_at,
+        detail,
+    ) = row
     return AuditEntry(
-        request_id=request_id, org=org, agent=agent, kind=kind, route=route, model=model, provider=provider,
-        status=status, reason=reason, http_status=http_status, reserved=reserved, actual=actual,
-        overage=bool(overage), estimated=bool(estimated), expired=bool(expired), input_tokens=input_tokens,
-        output_tokens=output_tokens, upstream_request_id=upstream_request_id, started_at=started_at,
-        finished_at=finished_at, detail=json.loads(detail) if detail else None,
-    )  # fmt: skip
+        request_id=request_id,
+        org=org,
+        agent=agent,
+        kind=kind,
+        route=route,
+        model=model,
+        provider=provider,
+        status=status,
+        reason=reason,
+        http_status=http_status,
+        reserved=reserved,
+        actual=actual,
+        overage=bool(overage),
+        estimated=bool(estimated),
+        expired=bool(expired),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        upstream_request_id=upstream_request_id,
+        started_at=started_at,
+        finished_at=finished_at,
+        detail=json.loads(detail) if detail else None,
+    )
 
 
 def path_from_url(url: str) -> str:
@@ -162,15 +215,17 @@ class SQLiteStore:
 
     async def open(self) -> None:
         """Create the schema and start the writer thread."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._create_schema)
+        self._thread = threading.Thread(target=self._writer, name="resgov-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def _create_schema(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = _connect(self.path)
         try:
             conn.executescript(SCHEMA)
         finally:
             conn.close()
-        self._thread = threading.Thread(target=self._writer, name="resgov-sqlite-writer", daemon=True)
-        self._thread.start()
 
     async def close(self) -> None:
         """Let queued writes commit, then stop the writer and the readers."""
@@ -305,7 +360,9 @@ class SQLiteStore:
     def _states(conn: sqlite3.Connection, org: str, keys: Sequence[str]) -> dict[str, LineState]:
         states: dict[str, LineState] = {}
         for key in keys:
-            row = conn.execute("SELECT spent, reserved FROM budget_line WHERE org=? AND key=?", (org, key)).fetchone()
+            row = conn.execute(
+                "SELECT spent, reserved FROM budget_line WHERE org=? AND key=?", (org, key)
+            ).fetchone()
             states[key] = LineState(row[0], row[1]) if row else LineState()
         return states
 
@@ -327,13 +384,22 @@ class SQLiteStore:
             conn.execute(
                 "INSERT INTO reservation (id, org, agent, amount, keys, lease_expires, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (request.reservation_id, request.org, request.agent, request.amount, "\x1f".join(keys),
-                 now + request.ttl_seconds, now),
-            )  # fmt: skip
+                (
+                    request.reservation_id,
+                    request.org,
+                    request.agent,
+                    request.amount,
+                    "\x1f".join(keys),
+                    now + request.ttl_seconds,
+                    now,
+                ),
+            )
             entry = request.audit
             entry.reserved = request.amount
             entry.status = "in_flight"
-            conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", _audit_row(entry))
+            conn.execute(
+                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", _audit_row(entry)
+            )
             after = {k: LineState(s.spent, s.reserved + request.amount) for k, s in states.items()}
             return ReserveOutcome(ok=True, states=after)
 
@@ -364,12 +430,21 @@ class SQLiteStore:
             "upstream_request_id=COALESCE(?, upstream_request_id), finished_at=?, "
             "detail=COALESCE(?, detail) WHERE request_id=?",
             (
-                request.status, request.reason, request.http_status, charge.charged, int(charge.overage > 0),
-                int(request.kind == "estimated"), int(request.kind.startswith("expire")),
-                request.input_tokens, request.output_tokens, request.upstream_request_id, now,
-                json.dumps(request.detail) if request.detail else None, request.reservation_id,
+                request.status,
+                request.reason,
+                request.http_status,
+                charge.charged,
+                int(charge.overage > 0),
+                int(request.kind == "estimated"),
+                int(request.kind.startswith("expire")),
+                request.input_tokens,
+                request.output_tokens,
+                request.upstream_request_id,
+                now,
+                json.dumps(request.detail) if request.detail else None,
+                request.reservation_id,
             ),
-        )  # fmt: skip
+        )
         return SettleOutcome(
             settled=True,
             charged=charge.charged,
@@ -418,7 +493,9 @@ class SQLiteStore:
         """Queue the audit entry of a refusal; it commits with the next batch."""
         row = _audit_row(entry)
         self._write_nowait(
-            lambda c, _now: c.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row)
+            lambda c, _now: c.execute(
+                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row
+            )
         )
 
     async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
@@ -455,7 +532,9 @@ class SQLiteStore:
             reserved = c.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM reservation").fetchone()
             by_agent = {
                 (org, agent): total
-                for org, agent, total in c.execute("SELECT org, agent, SUM(actual) FROM audit GROUP BY org, agent")
+                for org, agent, total in c.execute(
+                    "SELECT org, agent, SUM(actual) FROM audit GROUP BY org, agent"
+                )
             }
             count = c.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
             return LedgerTotals(reserved[0], reserved[1], by_agent, count)
@@ -468,9 +547,17 @@ class SQLiteStore:
     def _key_from_row(row: Sequence[Any]) -> ApiKeyRecord:
         key_hash, key_id, org, name, scopes, agent_id, created_at, expires_at, revoked_at, prefix = row
         return ApiKeyRecord(
-            key_id=key_id, key_hash=key_hash, org=org, name=name, scopes=tuple(scopes.split(",")) if scopes else (),
-            agent_id=agent_id, created_at=created_at, expires_at=expires_at, revoked_at=revoked_at, prefix=prefix,
-        )  # fmt: skip
+            key_id=key_id,
+            key_hash=key_hash,
+            org=org,
+            name=name,
+            scopes=tuple(scopes.split(",")) if scopes else (),
+            agent_id=agent_id,
+            created_at=created_at,
+            expires_at=expires_at,
+            revoked_at=revoked_at,
+            prefix=prefix,
+        )
 
     @staticmethod
     def insert_key(conn: sqlite3.Connection, record: ApiKeyRecord) -> None:
@@ -478,9 +565,19 @@ class SQLiteStore:
         conn.execute(
             "INSERT INTO api_key (key_hash, key_id, org, name, scopes, agent_id, created_at, expires_at, "
             "revoked_at, prefix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.key_hash, record.key_id, record.org, record.name, ",".join(record.scopes), record.agent_id,
-             record.created_at, record.expires_at, record.revoked_at, record.prefix),
-        )  # fmt: skip
+            (
+                record.key_hash,
+                record.key_id,
+                record.org,
+                record.name,
+                ",".join(record.scopes),
+                record.agent_id,
+                record.created_at,
+                record.expires_at,
+                record.revoked_at,
+                record.prefix,
+            ),
+        )
 
     async def put_api_key(self, record: ApiKeyRecord) -> None:
         """Store a key record durably."""
@@ -491,7 +588,9 @@ class SQLiteStore:
     async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
         """Look a key up by its hash."""
         row = await self._read(
-            lambda c: c.execute(f"SELECT {self._KEY_COLS} FROM api_key WHERE key_hash = ?", (key_hash,)).fetchone()
+            lambda c: c.execute(
+                f"SELECT {self._KEY_COLS} FROM api_key WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
         )
         return self._key_from_row(row) if row else None
 

@@ -49,7 +49,7 @@ class AuditEntry:
 
     def public(self) -> dict[str, Any]:
         """The record as the audit API shows it (amounts stay nano here; the API converts)."""
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,9 @@ def _int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -
         raise BadRequest(f"'{name}' must be an integer or null.", reason="invalid_type", param=name)
     if value < minimum or value > maximum:
         raise InvalidValue(
-            f"'{name}' must be between {minimum} and {maximum}, got {value}.", reason="invalid_value", param=name
+            f"'{name}' must be between {minimum} and {maximum}, got {value}.",
+            reason="invalid_value",
+            param=name,
         )
     return value
 
@@ -86,10 +88,14 @@ def parse_chat(raw: bytes) -> ChatRequest:
         raise BadRequest("Request body must be a JSON object.", reason="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string.", reason="invalid_type", param="model")
+        raise BadRequest(
+            "'model' is required and must be a non-empty string.", reason="invalid_type", param="model"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise BadRequest("'messages' is required and must be an array.", reason="invalid_type", param="messages")
+        raise BadRequest(
+            "'messages' is required and must be an array.", reason="invalid_type", param="messages"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest(f"'messages[{i}]' must be an object.", reason="invalid_type", param="messages")
@@ -201,7 +207,11 @@ def response_content_bytes(body: Any) -> int:
     if not isinstance(body, dict):
         return 0
     choices = body.get("choices")
-    return _string_bytes([c.get("message") for c in choices if isinstance(c, dict)]) if isinstance(choices, list) else 0
+    return (
+        _string_bytes([c.get("message") for c in choices if isinstance(c, dict)])
+        if isinstance(choices, list)
+        else 0
+    )
 
 
 @dataclass(slots=True)

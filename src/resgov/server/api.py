@@ -41,8 +41,10 @@ def _caller_dep(scope: str) -> Any:
         rt = runtime(request)
         if x_admin_token is not None:
             if not rt.settings.admin_enabled:
-                raise Unauthorized("Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
-                                   reason="admin_disabled")  # fmt: skip
+                raise Unauthorized(
+                    "Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
+                    reason="admin_disabled",
+                )
             if not admin_token_matches(rt.settings.admin_token, x_admin_token):
                 raise Unauthorized("Invalid admin token.", reason="invalid_admin_token")
             return Caller(admin=True, org=None)
@@ -53,14 +55,16 @@ def _caller_dep(scope: str) -> Any:
     return Depends(dep)
 
 
-async def admin_only(
-    request: Request, x_admin_token: Annotated[str | None, Header()] = None
-) -> None:
+READ_CALLER = _caller_dep("read")
+
+
+async def admin_only(request: Request, x_admin_token: Annotated[str | None, Header()] = None) -> None:
     """Admin routes: a valid ``X-Admin-Token`` or 401."""
     rt = runtime(request)
     if not rt.settings.admin_enabled:
-        raise Unauthorized("Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
-                           reason="admin_disabled")  # fmt: skip
+        raise Unauthorized(
+            "Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).", reason="admin_disabled"
+        )
     if not admin_token_matches(rt.settings.admin_token, x_admin_token):
         raise Unauthorized("Missing or invalid X-Admin-Token.", reason="invalid_admin_token")
 
@@ -137,9 +141,16 @@ class Health(BaseModel):
 
 def _key_info(r: ApiKeyRecord) -> KeyInfo:
     return KeyInfo(
-        key_id=r.key_id, org_id=r.org, name=r.name, prefix=r.prefix, scopes=list(r.scopes), agent_id=r.agent_id,
-        created_at=r.created_at, expires_at=r.expires_at, revoked=r.revoked_at is not None,
-    )  # fmt: skip
+        key_id=r.key_id,
+        org_id=r.org,
+        name=r.name,
+        prefix=r.prefix,
+        scopes=list(r.scopes),
+        agent_id=r.agent_id,
+        created_at=r.created_at,
+        expires_at=r.expires_at,
+        revoked=r.revoked_at is not None,
+    )
 
 
 def build_router() -> APIRouter:
@@ -156,26 +167,46 @@ def build_router() -> APIRouter:
             status="ok" if reachable and policy_ok else "degraded",
             version=__version__,
             store={"backend": rt.store.name, "reachable": reachable},
-            policy={"source": rt.policy.source, "ok": policy_ok, "error": rt.policies.error,
-                    "reloads": rt.policies.reloads},
-        )  # fmt: skip
+            policy={
+                "source": rt.policy.source,
+                "ok": policy_ok,
+                "error": rt.policies.error,
+                "reloads": rt.policies.reloads,
+            },
+        )
 
-    @router.post("/api/v1/admin/generate-key", response_model=GeneratedKey, dependencies=[Depends(admin_only)],
-                 tags=["admin"])  # fmt: skip
+    @router.post(
+        "/api/v1/admin/generate-key",
+        response_model=GeneratedKey,
+        dependencies=[Depends(admin_only)],
+        tags=["admin"],
+    )
     async def generate_key(body: GenerateKeyBody, request: Request) -> GeneratedKey:
         rt = runtime(request)
         scopes = tuple(body.scopes) if body.scopes else SCOPES
         bad = [s for s in scopes if s not in SCOPES]
         if bad:
-            raise InvalidValue(f"Unknown scopes: {', '.join(bad)}. Known: {', '.join(SCOPES)}.", reason="invalid_scope")
+            raise InvalidValue(
+                f"Unknown scopes: {', '.join(bad)}. Known: {', '.join(SCOPES)}.", reason="invalid_scope"
+            )
         expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
-        secret, record = new_key(body.org_id, body.name, scopes=scopes, agent_id=body.agent_id, expires_at=expires)
+        secret, record = new_key(
+            body.org_id, body.name, scopes=scopes, agent_id=body.agent_id, expires_at=expires
+        )
         await rt.store.put_api_key(record)
-        return GeneratedKey(api_key=secret, key_id=record.key_id, org_id=record.org, name=record.name,
-                            scopes=list(record.scopes), agent_id=record.agent_id, expires_at=expires)  # fmt: skip
+        return GeneratedKey(
+            api_key=secret,
+            key_id=record.key_id,
+            org_id=record.org,
+            name=record.name,
+            scopes=list(record.scopes),
+            agent_id=record.agent_id,
+            expires_at=expires,
+        )
 
-    @router.get("/api/v1/admin/keys", response_model=list[KeyInfo], dependencies=[Depends(admin_only)],
-                tags=["admin"])  # fmt: skip
+    @router.get(
+        "/api/v1/admin/keys", response_model=list[KeyInfo], dependencies=[Depends(admin_only)], tags=["admin"]
+    )
     async def list_keys(request: Request, org_id: str | None = None) -> list[KeyInfo]:
         return [_key_info(r) for r in await runtime(request).store.list_api_keys(org_id)]
 
@@ -191,7 +222,7 @@ def build_router() -> APIRouter:
     async def get_agent(
         agent_id: str,
         request: Request,
-        caller: Caller = _caller_dep("read"),
+        caller: Caller = READ_CALLER,
         org_id: Annotated[str | None, Query()] = None,
     ) -> AgentBudgets:
         rt = runtime(request)
@@ -208,23 +239,33 @@ def build_router() -> APIRouter:
         windows = []
         for line in lines:
             state = states[line.key]
-            windows.append(BudgetWindow(
-                level=line.level, period=line.period, limit=to_units(line.limit), spent=to_units(state.spent),
-                reserved=to_units(state.reserved), remaining=to_units(max(0, line.limit - state.used)), currency=cur,
-                resets_at=datetime.fromtimestamp(line.resets_at, UTC).isoformat().replace("+00:00", "Z")
-                if line.resets_at else None,
-            ))  # fmt: skip
+            windows.append(
+                BudgetWindow(
+                    level=line.level,
+                    period=line.period,
+                    limit=to_units(line.limit),
+                    spent=to_units(state.spent),
+                    reserved=to_units(state.reserved),
+                    remaining=to_units(max(0, line.limit - state.used)),
+                    currency=cur,
+                    resets_at=datetime.fromtimestamp(line.resets_at, UTC).isoformat().replace("+00:00", "Z")
+                    if line.resets_at
+                    else None,
+                )
+            )
         return AgentBudgets(
-            agent_id=agent_id, org_id=agent.org, budgets=windows,
+            agent_id=agent_id,
+            org_id=agent.org,
+            budgets=windows,
             allowed_models=list(agent.allowed_models) if agent.allowed_models is not None else None,
             allowed_tools=list(agent.allowed_tools) if agent.allowed_tools is not None else None,
             max_tokens_per_request=agent.max_tokens_per_request,
-        )  # fmt: skip
+        )
 
     @router.get("/api/v1/audit", tags=["audit"])
     async def audit(
         request: Request,
-        caller: Caller = _caller_dep("read"),
+        caller: Caller = READ_CALLER,
         agent_id: str | None = None,
         status: str | None = None,
         org_id: str | None = None,
@@ -233,7 +274,9 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         rt = runtime(request)
         org = org_id if caller.admin else caller.org
-        rows = await rt.store.audit(AuditQuery(org=org, agent=agent_id, status=status, after_seq=after, limit=limit))
+        rows = await rt.store.audit(
+            AuditQuery(org=org, agent=agent_id, status=status, after_seq=after, limit=limit)
+        )
         items = []
         for seq, entry in rows:
             item = entry.public()
@@ -250,7 +293,9 @@ def _only_org(rt: Runtime, agent_id: str) -> str | None:
     """For the admin without ``?org_id=``: the agent's org if exactly one org has that agent."""
     orgs = [org for (org, agent) in rt.policy.agents if agent == agent_id]
     if len(orgs) > 1:
-        raise InvalidValue(f"Agent '{agent_id}' exists in several orgs; pass ?org_id=.", reason="ambiguous_agent")
+        raise InvalidValue(
+            f"Agent '{agent_id}' exists in several orgs; pass ?org_id=.", reason="ambiguous_agent"
+        )
     return orgs[0] if orgs else None
 
 
@@ -269,9 +314,13 @@ def install_error_handlers(app: FastAPI) -> None:
         json_error = any(e.get("type") == "json_invalid" for e in exc.errors())
         status = 400 if json_error else 422
         return ORJSONResponse(
-            {"error": {"type": "invalid_request_error" if json_error else "invalid_value",
-                       "message": "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems),
-                       "reason": "invalid_json" if json_error else "invalid_value", "problems": problems}},
+            {
+                "error": {
+                    "type": "invalid_request_error" if json_error else "invalid_value",
+                    "message": "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems),
+                    "reason": "invalid_json" if json_error else "invalid_value",
+                    "problems": problems,
+                }
+            },
             status_code=status,
-        )  # fmt: skip
-
+        )

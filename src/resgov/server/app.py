@@ -35,7 +35,7 @@ class ResGovApp:
             if handler is not None:
                 await handler(scope, receive, send)
                 return
-        await self.api(scope, receive, send)  # type: ignore[arg-type]
+        await self.api(scope, receive, send)
 
 
 def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:

@@ -104,7 +104,9 @@ class KeyCache:
             raise Unauthorized("This API key has expired.", reason="expired_api_key")
         if scope not in record.scopes:
             raise Forbidden(
-                f"This API key lacks the '{scope}' scope.", type="insufficient_scope", reason="insufficient_scope"
+                f"This API key lacks the '{scope}' scope.",
+                type="insufficient_scope",
+                reason="insufficient_scope",
             )
         return record
 

@@ -25,7 +25,14 @@ from resgov.core.errors import BudgetExceeded, Forbidden, ResGovError, StoreUnav
 from resgov.core.money import NANO, format_money, to_units
 from resgov.core.policy import AgentPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
-from resgov.ledger.store import AuditEntry, AuditStatus, ReserveRequest, SettleOutcome, SettleRequest, StoreError
+from resgov.ledger.store import (
+    AuditEntry,
+    AuditStatus,
+    ReserveRequest,
+    SettleOutcome,
+    SettleRequest,
+    StoreError,
+)
 from resgov.providers.openai import (
     ChatRequest,
     ChatStreamScanner,
@@ -34,7 +41,17 @@ from resgov.providers.openai import (
     upstream_body,
     usage_from_openai,
 )
-from resgov.server.asgi import JSON_CT, ClientGone, Headers, Receive, Scope, Send, read_body, send_bytes, send_error
+from resgov.server.asgi import (
+    JSON_CT,
+    ClientGone,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from resgov.server.auth import agent_for, key_from_headers
 from resgov.server.runtime import Runtime
 
@@ -44,17 +61,39 @@ log = logging.getLogger("resgov.proxy")
 #: headers the proxy sets itself.
 _DROP_UPSTREAM = frozenset(
     {
-        b"host", b"content-length", b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"authorization", b"x-api-key", b"accept-encoding",
-        b"cookie", b"expect", b"content-type",
+        b"host",
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"authorization",
+        b"x-api-key",
+        b"accept-encoding",
+        b"cookie",
+        b"expect",
+        b"content-type",
     }
-)  # fmt: skip
+)
 _DROP_DOWNSTREAM = frozenset(
     {
-        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "set-cookie",
-        "date", "server", "upgrade", "trailer", "proxy-authenticate",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        "date",
+        "server",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
     }
-)  # fmt: skip
+)
 #: Upstream bodies larger than this are not buffered (non-streaming answers are small).
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _MEDIA_HINTS = (b'"image', b'"file', b'"document', b'"input_')
@@ -64,7 +103,9 @@ def _decimal_str(nano: int) -> str:
     return format(Decimal(nano) / NANO, "f")
 
 
-def budget_refusal(line: BudgetLine, used: int, required: int, currency: str, agent_id: str) -> BudgetExceeded:
+def budget_refusal(
+    line: BudgetLine, used: int, required: int, currency: str, agent_id: str
+) -> BudgetExceeded:
     """The brief's 403 body: ``Daily budget exceeded. Limit: $3.00, Spent: $2.98, Required: $0.15``."""
     label = line.period.capitalize() if line.level == "agent" else f"Org {line.period}"
     return BudgetExceeded(
@@ -163,9 +204,14 @@ class ChatProxy:
             plan = self._plan(policy, agent, req, raw)
             rid = request_id
             audit = AuditEntry(
-                request_id=rid, org=org, agent=agent_id, route=self.route, model=req.model,
-                provider=plan.provider.name, started_at=started,
-            )  # fmt: skip
+                request_id=rid,
+                org=org,
+                agent=agent_id,
+                route=self.route,
+                model=req.model,
+                provider=plan.provider.name,
+                started_at=started,
+            )
             states = await self._reserve(plan, rid, audit)
         except ClientGone:
             return
@@ -177,10 +223,17 @@ class ChatProxy:
                 with contextlib.suppress(Exception):
                     await rt.store.record(
                         AuditEntry(
-                            request_id=request_id, org=org, agent=agent_id, route=self.route, model=model,
-                            status=status, reason=err.reason, http_status=err.status, started_at=started,
+                            request_id=request_id,
+                            org=org,
+                            agent=agent_id,
+                            route=self.route,
+                            model=model,
+                            status=status,
+                            reason=err.reason,
+                            http_status=err.status,
+                            started_at=started,
                             finished_at=time.time(),
-                        )  # fmt: skip
+                        )
                     )
             await send_error(send, err, base_headers)
             return
@@ -245,8 +298,9 @@ class ChatProxy:
         g = plan.policy.global_
         ttl = g.reservation_ttl_seconds
         try:
-            outcome = await store.reserve(ReserveRequest(rid, plan.agent.org, plan.agent.agent_id, plan.amount,
-                                                         plan.lines, ttl, audit))  # fmt: skip
+            outcome = await store.reserve(
+                ReserveRequest(rid, plan.agent.org, plan.agent.agent_id, plan.amount, plan.lines, ttl, audit)
+            )
             if not outcome.ok and g.on_insufficient_budget == "shrink":
                 left = remaining(plan.lines, outcome.states) or 0
                 per_choice = affordable_output_tokens(plan.price, plan.input_tokens, left) // plan.req.n
@@ -254,11 +308,16 @@ class ChatProxy:
                 if g.shrink_min_tokens <= per_choice < plan.cap:
                     plan.cap = per_choice
                     plan.amount = bound_cost(
-                        plan.price, plan.input_tokens, (per_choice + plan.req.extra_output_tokens) * plan.req.n
+                        plan.price,
+                        plan.input_tokens,
+                        (per_choice + plan.req.extra_output_tokens) * plan.req.n,
                     )
                     plan.shrunk = True
-                    outcome = await store.reserve(ReserveRequest(rid, plan.agent.org, plan.agent.agent_id,
-                                                                 plan.amount, plan.lines, ttl, audit))  # fmt: skip
+                    outcome = await store.reserve(
+                        ReserveRequest(
+                            rid, plan.agent.org, plan.agent.agent_id, plan.amount, plan.lines, ttl, audit
+                        )
+                    )
         except StoreError as exc:
             self.rt.store_ok = False
             log.error("store unavailable, refusing (fail_safe_action=deny): %s", exc)
@@ -314,38 +373,56 @@ class ChatProxy:
         provider = plan.provider
         session = self.rt.session
         assert session is not None
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout, connect=provider.connect_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=provider.connect_timeout, connect=provider.connect_timeout
+        )
         try:
             async with asyncio.timeout(provider.first_byte_timeout):
-                return await session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+                return await session.post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Never reached the provider: nothing can have been billed.
-            await settler.settle("release", 0, "upstream_error", reason="upstream_unreachable", http_status=502)
+            await settler.settle(
+                "release", 0, "upstream_error", reason="upstream_unreachable", http_status=502
+            )
             err: ResGovError = UpstreamFailure(
                 f"Upstream provider '{provider.name}' is unreachable: {type(exc).__name__}",
-                reason="upstream_unreachable", status=502, type="upstream_unreachable",
-            )  # fmt: skip
+                reason="upstream_unreachable",
+                status=502,
+                type="upstream_unreachable",
+            )
         except TimeoutError:
             # The request was sent; the provider may still generate and bill. A stream has
             # produced nothing yet (input bound); a unary answer may be complete (full bound).
             charge = bound_cost(plan.price, plan.input_tokens, 0) if plan.req.stream else plan.amount
-            await settler.settle("estimated", charge, "upstream_error", reason="upstream_timeout", http_status=504)
+            await settler.settle(
+                "estimated", charge, "upstream_error", reason="upstream_timeout", http_status=504
+            )
             err = UpstreamFailure(
                 f"Upstream provider '{provider.name}' sent no response within {provider.first_byte_timeout:g}s.",
-                reason="upstream_timeout", status=504, type="upstream_timeout",
-            )  # fmt: skip
+                reason="upstream_timeout",
+                status=504,
+                type="upstream_timeout",
+            )
         except aiohttp.ClientError as exc:
             charge = bound_cost(plan.price, plan.input_tokens, 0) if plan.req.stream else plan.amount
-            await settler.settle("estimated", charge, "upstream_error", reason="upstream_failed", http_status=502)
+            await settler.settle(
+                "estimated", charge, "upstream_error", reason="upstream_failed", http_status=502
+            )
             err = UpstreamFailure(
-                f"Upstream provider '{provider.name}' failed: {type(exc).__name__}", reason="upstream_failed",
+                f"Upstream provider '{provider.name}' failed: {type(exc).__name__}",
+                reason="upstream_failed",
                 status=502,
-            )  # fmt: skip
-        await send_error(send, err, base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}))
+            )
+        await send_error(
+            send, err, base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {})
+        )
         return None
 
-    async def _upstream_error(self, plan: Plan, settler: Settler, resp: aiohttp.ClientResponse,
-                              base: Headers, send: Send) -> None:  # fmt: skip
+    async def _upstream_error(
+        self, plan: Plan, settler: Settler, resp: aiohttp.ClientResponse, base: Headers, send: Send
+    ) -> None:
         """The provider refused: nothing was generated, so release in full and pass its answer on."""
         try:
             async with asyncio.timeout(plan.provider.idle_timeout):
@@ -355,18 +432,27 @@ class ChatProxy:
         finally:
             resp.release()
         upstream_id = resp.headers.get("x-request-id")
-        outcome = await settler.settle("release", 0, "upstream_error", reason=f"upstream_{resp.status}",
-                                       http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+        outcome = await settler.settle(
+            "release",
+            0,
+            "upstream_error",
+            reason=f"upstream_{resp.status}",
+            http_status=resp.status,
+            upstream_id=upstream_id,
+        )
         headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
         if not body:
-            body = orjson.dumps({"error": {"type": "upstream_error", "message": f"Upstream returned {resp.status}"}})
+            body = orjson.dumps(
+                {"error": {"type": "upstream_error", "message": f"Upstream returned {resp.status}"}}
+            )
             headers.append(JSON_CT)
         await send_bytes(send, resp.status, body, headers)
 
     # -- non-streaming ---------------------------------------------------------------------------
 
-    async def _unary(self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes],
-                     base: Headers, send: Send) -> None:  # fmt: skip
+    async def _unary(
+        self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes], base: Headers, send: Send
+    ) -> None:
         resp = await self._open_upstream(plan, settler, client_headers, base, send)
         if resp is None:
             return
@@ -379,10 +465,14 @@ class ChatProxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             resp.release()
             # Headers arrived, so the answer was complete upstream: charge the bound.
-            await settler.settle("estimated", plan.amount, "estimated", reason="upstream_body_failed", http_status=502)
+            await settler.settle(
+                "estimated", plan.amount, "estimated", reason="upstream_body_failed", http_status=502
+            )
             await send_error(
                 send,
-                UpstreamFailure(f"Upstream response was cut: {type(exc).__name__}", reason="upstream_cut", status=502),
+                UpstreamFailure(
+                    f"Upstream response was cut: {type(exc).__name__}", reason="upstream_cut", status=502
+                ),
                 base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}),
             )
             return
@@ -395,13 +485,27 @@ class ChatProxy:
         if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
             upstream_id = upstream_id or parsed["id"]
         if usage is not None:
-            outcome = await settler.settle("actual", usage_cost(plan.price, usage), "completed",
-                                           http_status=resp.status, upstream_id=upstream_id, usage=usage)  # fmt: skip
+            outcome = await settler.settle(
+                "actual",
+                usage_cost(plan.price, usage),
+                "completed",
+                http_status=resp.status,
+                upstream_id=upstream_id,
+                usage=usage,
+            )
         else:
             produced = response_content_bytes(parsed) if parsed is not None else plan.cap * plan.req.n
-            estimate = bound_cost(plan.price, plan.input_tokens, produced) if parsed is not None else plan.amount
-            outcome = await settler.settle("estimated", estimate, "estimated", reason="no_usage",
-                                           http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+            estimate = (
+                bound_cost(plan.price, plan.input_tokens, produced) if parsed is not None else plan.amount
+            )
+            outcome = await settler.settle(
+                "estimated",
+                estimate,
+                "estimated",
+                reason="no_usage",
+                http_status=resp.status,
+                upstream_id=upstream_id,
+            )
         cost = self._cost_object(plan, outcome, usage)
         if isinstance(parsed, dict):
             body = _splice_cost(body, cost)
@@ -423,8 +527,16 @@ class ChatProxy:
 
     # -- streaming -------------------------------------------------------------------------------
 
-    async def _stream(self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes], base: Headers,
-                      receive: Receive, send: Send, states: dict[str, LineState]) -> None:  # fmt: skip
+    async def _stream(
+        self,
+        plan: Plan,
+        settler: Settler,
+        client_headers: dict[bytes, bytes],
+        base: Headers,
+        receive: Receive,
+        send: Send,
+        states: dict[str, LineState],
+    ) -> None:
         resp = await self._open_upstream(plan, settler, client_headers, base, send)
         if resp is None:
             return
@@ -483,16 +595,29 @@ class ChatProxy:
         usage = usage_from_openai(scanner.usage) if scanner.usage is not None else None
         upstream_id = resp.headers.get("x-request-id") or scanner.upstream_id
         if usage is not None:
-            await settler.settle("actual", usage_cost(plan.price, usage), "completed",
-                                 http_status=resp.status, upstream_id=upstream_id, usage=usage)  # fmt: skip
+            await settler.settle(
+                "actual",
+                usage_cost(plan.price, usage),
+                "completed",
+                http_status=resp.status,
+                upstream_id=upstream_id,
+                usage=usage,
+            )
         elif scanner.content_bytes == 0 and ended != "eof":
             # No output ever flowed: nothing was generated for the client to pay for.
-            await settler.settle("release", 0, "upstream_error", reason=ended, http_status=resp.status,
-                                 upstream_id=upstream_id)  # fmt: skip
+            await settler.settle(
+                "release", 0, "upstream_error", reason=ended, http_status=resp.status, upstream_id=upstream_id
+            )
         else:
             estimate = bound_cost(plan.price, plan.input_tokens, scanner.content_bytes)
-            await settler.settle("estimated", estimate, "estimated", reason=ended if ended != "eof" else "no_usage",
-                                 http_status=resp.status, upstream_id=upstream_id)  # fmt: skip
+            await settler.settle(
+                "estimated",
+                estimate,
+                "estimated",
+                reason=ended if ended != "eof" else "no_usage",
+                http_status=resp.status,
+                upstream_id=upstream_id,
+            )
         tail = scanner.finish()
         if ended in ("idle_timeout", "upstream_cut"):
             message = "Upstream stalled" if ended == "idle_timeout" else "Upstream stream was cut"

@@ -101,7 +101,9 @@ class Runtime:
         """Open the store and the upstream pool, start the sweeper and the policy watcher."""
         await self.store.open()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+        )
         if self.policies.path and self.policies.mtime is None:
             with contextlib.suppress(OSError):
                 self.policies.mtime = os.stat(self.policies.path).st_mtime
@@ -136,7 +138,11 @@ class Runtime:
             log.error("sweeper: store unavailable: %s", exc)
             return 0
         if count:
-            log.warning("settled %d expired reservation(s) (%s mode)", count, self.policy.global_.on_expired_reservation)
+            log.warning(
+                "settled %d expired reservation(s) (%s mode)",
+                count,
+                self.policy.global_.on_expired_reservation,
+            )
         return count
 
     async def _sweeper(self) -> None:
@@ -152,7 +158,7 @@ class Runtime:
 
     def shielded(self, factory: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         """Run a settlement so that cancelling the caller cannot cancel it, and track it for shutdown."""
-        task: asyncio.Task[T] = asyncio.ensure_future(factory())  # type: ignore[assignment]
+        task: asyncio.Task[T] = asyncio.ensure_future(factory())
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         return asyncio.shield(task)

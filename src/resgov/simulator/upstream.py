@@ -1245,6 +1245,7 @@ class SimUpstream:
             "total_tokens": prompt + output,
         }
         extra = b"x-request-id: req_sim%s\r\n" % rid.encode()
+        created = int(time.time())
 
         def item(done: bool) -> _Json:
             status = "completed" if done else "in_progress"
@@ -1294,7 +1295,6 @@ class SimUpstream:
                 "metadata": {},
             }
 
-        created = int(time.time())
         end_state = "incomplete" if truncated else "completed"
         if body.get("stream") is not True:
             data = orjson.dumps(response(end_state))
