@@ -101,9 +101,9 @@ def check(config: ConfigOpt = None) -> None:
     except PolicyError as exc:
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    console.print(f"[green]{path}: valid[/]")
+    console.print(f"[green]{path}: valid[/]", soft_wrap=True)
     for line in describe(policy):
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()

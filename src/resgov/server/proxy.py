@@ -21,7 +21,14 @@ import orjson
 
 from resgov.core.bounds import input_bound
 from resgov.core.budget import BudgetLine, LineState, SettleKind, remaining
-from resgov.core.errors import BudgetExceeded, Forbidden, ResGovError, StoreUnavailable, UpstreamFailure
+from resgov.core.errors import (
+    BudgetExceeded,
+    Forbidden,
+    InvalidValue,
+    ResGovError,
+    StoreUnavailable,
+    UpstreamFailure,
+)
 from resgov.core.money import NANO, format_money, to_units
 from resgov.core.policy import AgentPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
@@ -271,6 +278,12 @@ class ChatProxy:
                 agent_id=agent.agent_id,
             )
         provider, upstream_model = policy.route(req.model)
+        if provider.format != "openai":
+            raise InvalidValue(
+                f"Model '{req.model}' routes to provider '{provider.name}', which speaks the {provider.format} "
+                "format; this route forwards OpenAI chat completions only.",
+                reason="provider_format_unsupported",
+            )
         price = policy.prices.lookup(req.model, provider.name, upstream_model, provider.base_url)
         if price is None:
             raise Forbidden(
