@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 #: Tokens a provider adds per request (reply priming, hidden system text).
 REQUEST_OVERHEAD_TOKENS = 64
 #: Tokens a provider adds per message (role markers, separators).
@@ -59,6 +57,17 @@ def _media_parts(value: Any, found: list[tuple[str, Any]]) -> None:
                 _media_parts(item, found)
 
 
+def string_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string inside a JSON value (its text content, keys excluded)."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict):
+        return sum(string_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(string_bytes(v) for v in value)
+    return 0
+
+
 def input_bound(
     body_size: int, messages: Any, message_count: int, has_tools: bool, context_window: int | None
 ) -> InputBound:
@@ -73,9 +82,10 @@ def input_bound(
     tokens = body_size
     documents = 0
     for kind, part in media:
-        # orjson's encoding is the minimal one, so this never subtracts more bytes than
-        # the part took in the client's body.
-        tokens -= len(orjson.dumps(part))
+        # Only the part's string values are taken out: a JSON string never occupies fewer
+        # bytes in the body than its UTF-8 length, whereas re-encoding numbers or
+        # whitespace could take out more than the client actually sent.
+        tokens -= string_bytes(part)
         if kind in DOCUMENT_PART_TYPES:
             documents += 1
             tokens += DOCUMENT_PART_TOKENS

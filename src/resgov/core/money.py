@@ -7,7 +7,7 @@ that can never let spend slip past a budget.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 NANO = 1_000_000_000
 #: Token prices are stored as nano-units per million tokens.
@@ -117,4 +117,5 @@ def floor_tokens(nano: int, nano_per_mtok: int) -> int:
     """How many whole tokens ``nano`` buys at a per-MTok price (rounded down)."""
     if nano_per_mtok <= 0:
         raise ValueError("price must be positive")
-    return int((Decimal(nano) * PER_MTOK / nano_per_mtok).to_integral_value(rounding=ROUND_FLOOR))
+    # Integer arithmetic: Decimal's 28-digit context would round large amounts.
+    return (nano * PER_MTOK) // nano_per_mtok

@@ -154,19 +154,18 @@ def bound_cost(price: ModelPrice, input_bound: int, output_bound: int, web_searc
 
 
 def affordable_output_tokens(price: ModelPrice, input_bound: int, budget_nano: int) -> int:
-    """The largest output cap whose worst case still fits in ``budget_nano`` (0 if none)."""
-    fixed = bound_cost(price, input_bound, 0)
-    if budget_nano < fixed:
+    """The largest output cap whose worst case still fits in ``budget_nano`` (0 if none).
+
+    Exact: ``ceil(x / 10^6) + fee <= budget`` iff ``x <= (budget - fee) * 10^6``, so the answer
+    is one integer division, with no second rounding to drift.
+    """
+    available = (budget_nano - price.per_request) * PER_MTOK - input_bound * price.max_input_rate(input_bound)
+    if available < 0:
         return 0
     rate = price.max_output_rate(input_bound)
     if rate <= 0:
         return 1 << 30
-    tokens = ((budget_nano - fixed) * PER_MTOK) // rate
-    # Each output token's share is rounded up only once overall; the exact check keeps
-    # the result honest at the boundary.
-    while tokens > 0 and bound_cost(price, input_bound, tokens) > budget_nano:
-        tokens -= 1
-    return int(tokens)
+    return available // rate
 
 
 # --- price sources -------------------------------------------------------------------------------

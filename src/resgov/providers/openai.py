@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from resgov.core.bounds import string_bytes
 from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.pricing import Usage
 from resgov.providers.sse import SSESplitter, event_data
@@ -191,24 +192,13 @@ def usage_from_openai(usage: Any) -> Usage | None:
     )
 
 
-def _string_bytes(value: Any) -> int:
-    """UTF-8 bytes of every string inside a JSON value (content, tool arguments, reasoning)."""
-    if isinstance(value, str):
-        return len(value.encode())
-    if isinstance(value, dict):
-        return sum(_string_bytes(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_string_bytes(v) for v in value)
-    return 0
-
-
 def response_content_bytes(body: Any) -> int:
     """Bytes of generated content in a non-streaming response (a bound on its output tokens)."""
     if not isinstance(body, dict):
         return 0
     choices = body.get("choices")
     return (
-        _string_bytes([c.get("message") for c in choices if isinstance(c, dict)])
+        string_bytes([c.get("message") for c in choices if isinstance(c, dict)])
         if isinstance(choices, list)
         else 0
     )
@@ -260,7 +250,7 @@ class ChatStreamScanner:
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict):
-                    self.content_bytes += _string_bytes(choice.get("delta"))
+                    self.content_bytes += string_bytes(choice.get("delta"))
             if not choices and usage is not None and self.strip_usage:
                 return False
         return True

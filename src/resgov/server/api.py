@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -302,18 +303,23 @@ def _only_org(rt: Runtime, agent_id: str) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     """One mapping from exceptions to JSON errors for the control plane."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import Response
+
+    def json(payload: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+        return Response(
+            orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json"
+        )
 
     @app.exception_handler(ResGovError)
-    async def _resgov(_: Request, exc: ResGovError) -> ORJSONResponse:
-        return ORJSONResponse({"error": exc.body()}, status_code=exc.status, headers=exc.headers)
+    async def _resgov(_: Request, exc: ResGovError) -> Response:
+        return json({"error": exc.body()}, exc.status, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
         problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
         json_error = any(e.get("type") == "json_invalid" for e in exc.errors())
         status = 400 if json_error else 422
-        return ORJSONResponse(
+        return json(
             {
                 "error": {
                     "type": "invalid_request_error" if json_error else "invalid_value",
@@ -322,5 +328,5 @@ def install_error_handlers(app: FastAPI) -> None:
                     "problems": problems,
                 }
             },
-            status_code=status,
+            status,
         )
