@@ -103,7 +103,9 @@ _DROP_DOWNSTREAM = frozenset(
 )
 #: Upstream bodies larger than this are not buffered (non-streaming answers are small).
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
-_MEDIA_HINTS = (b'"image', b'"file', b'"document', b'"input_')
+#: A text-only body skips the walk for media parts; a JSON escape could hide a part's
+#: type from this byte scan, so any escape sequence forces the walk.
+_MEDIA_HINTS = (b'"image', b'"file', b'"document', b'"input_', b"\\u")
 
 
 def _decimal_str(nano: int) -> str:
@@ -478,14 +480,18 @@ class ChatProxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             resp.release()
             # Headers arrived, so the answer was complete upstream: charge the bound.
-            await settler.settle(
-                "estimated", plan.amount, "estimated", reason="upstream_body_failed", http_status=502
+            stalled = isinstance(exc, TimeoutError)
+            status = 504 if stalled else 502
+            reason = "upstream_timeout" if stalled else "upstream_cut"
+            await settler.settle("estimated", plan.amount, "estimated", reason=reason, http_status=status)
+            message = (
+                "Upstream stalled mid-response."
+                if stalled
+                else f"Upstream response was cut: {type(exc).__name__}"
             )
             await send_error(
                 send,
-                UpstreamFailure(
-                    f"Upstream response was cut: {type(exc).__name__}", reason="upstream_cut", status=502
-                ),
+                UpstreamFailure(message, reason=reason, type=reason, status=status),
                 base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}),
             )
             return
@@ -571,9 +577,6 @@ class ChatProxy:
 
         watcher = asyncio.create_task(watch_disconnect())
         ended = "eof"
-        ttl = plan.policy.global_.reservation_ttl_seconds
-        renew_every = max(ttl / 3, 0.2)
-        last_renew = time.monotonic()
         idle = plan.provider.idle_timeout
         try:
             while True:
@@ -598,10 +601,6 @@ class ChatProxy:
                 if gone.is_set():
                     ended = "client_disconnect"
                     break
-                now = time.monotonic()
-                if now - last_renew >= renew_every:
-                    last_renew = now
-                    await self.rt.store.renew([settler.rid], ttl)
         finally:
             watcher.cancel()
             resp.close()

@@ -77,7 +77,7 @@ class Runtime:
     policies: PolicyHolder
     keys: KeyCache = field(init=False)
     session: aiohttp.ClientSession | None = None
-    #: reservation id -> monotonic time of its last lease renewal, for every call in flight.
+    #: reservation id -> monotonic start time, for every call in flight (their leases are renewed).
     inflight: dict[str, float] = field(default_factory=dict)
     settling: set[asyncio.Task[Any]] = field(default_factory=set)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -110,6 +110,7 @@ class Runtime:
         # Settle leases that expired while no process ran, before taking traffic.
         await self.sweep_once()
         self.background.append(asyncio.create_task(self._sweeper(), name="resgov-sweeper"))
+        self.background.append(asyncio.create_task(self._heartbeat(), name="resgov-lease-heartbeat"))
         self.background.append(asyncio.create_task(self._watch_policy(), name="resgov-policy-watch"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -149,6 +150,22 @@ class Runtime:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
             await self.sweep_once()
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of every call this process has in flight, in one batch.
+
+        A lease guards against a dead process, not a slow provider: while this process
+        lives, each of its calls is bounded by the provider timeouts instead, so a unary
+        call waiting longer than the TTL, or a long stream, is never settled as expired.
+        """
+        while True:
+            ttl = self.policy.global_.reservation_ttl_seconds
+            await asyncio.sleep(max(ttl / 3, 0.2))
+            if self.inflight:
+                try:
+                    await self.store.renew(list(self.inflight), ttl)
+                except Exception as exc:  # keep renewing after a store outage
+                    log.error("lease renewal failed: %s", exc)
 
     async def _watch_policy(self) -> None:
         while True:
