@@ -10,7 +10,9 @@ import orjson
 
 from resgov.core.bounds import string_bytes
 from resgov.core.errors import BadRequest, InvalidValue
+from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
+from resgov.providers.base import Format, ParsedRequest
 from resgov.providers.sse import SSESplitter, event_data
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
@@ -18,24 +20,6 @@ MAX_OUTPUT_CAP = 10_000_000
 MAX_CHOICES = 128
 #: OpenAI reasoning models reject ``max_tokens`` and take ``max_completion_tokens``.
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
-
-
-@dataclass(slots=True)
-class ChatRequest:
-    """A validated chat completions request; ``body`` is the client's JSON, to be rewritten."""
-
-    body: dict[str, Any]
-    model: str
-    stream: bool
-    client_wants_usage: bool
-    n: int
-    output_cap: int | None
-    tools: list[str]
-    message_count: int
-    #: Output the provider may bill beyond the generated tokens (rejected predicted outputs).
-    extra_output_tokens: int = 0
-    web_search: bool = False
-    raw_size: int = 0
 
 
 def _int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
@@ -79,7 +63,7 @@ def tool_names(tools: Any, tool_choice: Any) -> list[str]:
     return names
 
 
-def parse_chat(raw: bytes) -> ChatRequest:
+def parse_chat(raw: bytes) -> ParsedRequest:
     """Validate what ResGov relies on; everything else is forwarded untouched."""
     try:
         body = orjson.loads(raw)
@@ -122,7 +106,7 @@ def parse_chat(raw: bytes) -> ChatRequest:
     if prediction is not None:
         # Rejected prediction tokens are billed as output; bytes bound their tokens.
         extra = len(orjson.dumps(prediction))
-    return ChatRequest(
+    return ParsedRequest(
         body=body,
         model=model,
         stream=bool(stream),
@@ -133,12 +117,14 @@ def parse_chat(raw: bytes) -> ChatRequest:
         tools=names,
         message_count=len(messages),
         extra_output_tokens=extra,
-        web_search=body.get("web_search_options") is not None,
+        # Chat completions' web search has no per-request limit on searches.
+        web_searches=None if body.get("web_search_options") is not None else 0,
+        media_root=messages,
         raw_size=len(raw),
     )
 
 
-def upstream_body(req: ChatRequest, cap: int, upstream_model: str, provider_is_openai: bool) -> bytes:
+def upstream_body(req: ParsedRequest, cap: int, upstream_model: str, provider_is_openai: bool) -> bytes:
     """The body sent upstream: the model name as the provider knows it, the output cap ResGov
     reserved for, and usage reporting switched on for streams."""
     body = req.body
@@ -214,7 +200,7 @@ class ChatStreamScanner:
     """
 
     strip_usage: bool
-    usage: dict[str, Any] | None = None
+    usage_raw: dict[str, Any] | None = None
     content_bytes: int = 0
     upstream_id: str | None = None
     done: bool = False
@@ -245,7 +231,7 @@ class ChatStreamScanner:
             self.upstream_id = chunk["id"]
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage
+            self.usage_raw = usage
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -254,6 +240,15 @@ class ChatStreamScanner:
             if not choices and usage is not None and self.strip_usage:
                 return False
         return True
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last usage the stream reported, split by price."""
+        return usage_from_openai(self.usage_raw) if self.usage_raw is not None else None
+
+    def error_event(self, kind: str, message: str) -> bytes:
+        """An SSE event the OpenAI SDKs raise as an APIError."""
+        return b"data: " + orjson.dumps({"error": {"type": kind, "message": message}}) + b"\n\n"
 
     def feed(self, data: bytes) -> bytes:
         """Bytes from upstream in, bytes to forward out."""
@@ -264,3 +259,45 @@ class ChatStreamScanner:
         tail = self.splitter.flush()
         held, self.held = self.held, b""
         return tail + held
+
+
+def is_openai(provider: ProviderPolicy) -> bool:
+    """OpenAI itself (reasoning models there take ``max_completion_tokens``)."""
+    return provider.name == "openai" or "api.openai.com" in provider.base_url
+
+
+class ChatCompletions:
+    """``/v1/chat/completions`` to an OpenAI-compatible upstream: forwarded, barely rewritten."""
+
+    client_format: Format = "openai"
+    upstream_format: Format = "openai"
+
+    def parse(self, raw: bytes) -> ParsedRequest:
+        """See :func:`parse_chat`."""
+        return parse_chat(raw)
+
+    def build_upstream(
+        self, req: ParsedRequest, cap: int, upstream_model: str, provider: ProviderPolicy
+    ) -> tuple[str, bytes]:
+        """The client's body with the model renamed, the output cap set and stream usage on."""
+        return "/chat/completions", upstream_body(req, cap, upstream_model, is_openai(provider))
+
+    def usage(self, response: Any) -> Usage | None:
+        """``usage`` of a chat completion."""
+        return usage_from_openai(response.get("usage")) if isinstance(response, dict) else None
+
+    def content_bytes(self, response: Any) -> int:
+        """Generated text, tool arguments and refusals of every choice."""
+        return response_content_bytes(response)
+
+    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
+        """Unchanged: same format on both sides."""
+        return raw
+
+    def client_error(self, status: int, raw: bytes) -> bytes:
+        """Unchanged: same format on both sides."""
+        return raw
+
+    def scanner(self, req: ParsedRequest) -> ChatStreamScanner:
+        """Strips the usage chunk ResGov asked for when the client did not."""
+        return ChatStreamScanner(strip_usage=not req.client_wants_usage)

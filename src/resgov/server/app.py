@@ -12,9 +12,10 @@ from resgov import __version__
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
 from resgov.ledger.store import Store
+from resgov.providers.openai import ChatCompletions
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
-from resgov.server.proxy import ChatProxy
+from resgov.server.proxy import ProxyRoute
 from resgov.server.runtime import PolicyHolder, Runtime
 
 log = logging.getLogger("resgov")
@@ -26,7 +27,7 @@ class ResGovApp:
     def __init__(self, runtime: Runtime, api: FastAPI) -> None:
         self.runtime = runtime
         self.api = api
-        chat = ChatProxy(runtime)
+        chat = ProxyRoute(runtime, "/v1/chat/completions", "openai", {"openai": ChatCompletions()})
         self.routes = {("POST", chat.route): chat, ("POST", "/chat/completions"): chat}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -40,14 +40,7 @@ from resgov.ledger.store import (
     SettleRequest,
     StoreError,
 )
-from resgov.providers.openai import (
-    ChatRequest,
-    ChatStreamScanner,
-    parse_chat,
-    response_content_bytes,
-    upstream_body,
-    usage_from_openai,
-)
+from resgov.providers.base import Adapter, Format, ParsedRequest
 from resgov.server.asgi import (
     JSON_CT,
     ClientGone,
@@ -55,6 +48,7 @@ from resgov.server.asgi import (
     Receive,
     Scope,
     Send,
+    error_payload,
     read_body,
     send_bytes,
     send_error,
@@ -131,7 +125,8 @@ class Plan:
 
     policy: Policy
     agent: AgentPolicy
-    req: ChatRequest
+    req: ParsedRequest
+    adapter: Adapter
     provider: ProviderPolicy
     upstream_model: str
     price: ModelPrice
@@ -183,13 +178,21 @@ class Settler:
         return self.outcome
 
 
-class ChatProxy:
-    """``POST /v1/chat/completions``."""
+class ProxyRoute:
+    """One proxied route (``POST /v1/chat/completions``, ``/v1/messages``…) and its adapters.
 
-    route = "/v1/chat/completions"
+    ``adapters`` maps each upstream format to the adapter that speaks the route's
+    format to it: the same format forwards, another one translates.
+    """
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(
+        self, rt: Runtime, route: str, client_format: Format, adapters: dict[Format, Adapter]
+    ) -> None:
         self.rt = rt
+        self.route = route
+        self.client_format = client_format
+        self.adapters = adapters
+        self.parser = adapters.get(client_format) or next(iter(adapters.values()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.rt
@@ -207,7 +210,7 @@ class ChatProxy:
             raw = await read_body(receive, policy.global_.max_request_bytes)
             header_agent = headers.get(b"x-resgov-agent-id")
             agent_id = agent_for(record, header_agent.decode("latin-1").strip() if header_agent else None)
-            req = parse_chat(raw)
+            req = self.parser.parse(raw)
             model = req.model
             agent = policy.agent(org, agent_id)
             plan = self._plan(policy, agent, req, raw)
@@ -244,7 +247,7 @@ class ChatProxy:
                             finished_at=time.time(),
                         )
                     )
-            await send_error(send, err, base_headers)
+            await send_error(send, err, base_headers, self.client_format)
             return
         settler = Settler(rt, rid, plan)
         rt.inflight[rid] = time.monotonic()
@@ -262,7 +265,7 @@ class ChatProxy:
 
     # -- before the upstream ---------------------------------------------------------------------
 
-    def _plan(self, policy: Policy, agent: AgentPolicy, req: ChatRequest, raw: bytes) -> Plan:
+    def _plan(self, policy: Policy, agent: AgentPolicy, req: ParsedRequest, raw: bytes) -> Plan:
         if not agent.model_allowed(req.model):
             raise Forbidden(
                 f"Model '{req.model}' is not allowed for agent '{agent.agent_id}'.",
@@ -280,10 +283,11 @@ class ChatProxy:
                 agent_id=agent.agent_id,
             )
         provider, upstream_model = policy.route(req.model)
-        if provider.format != "openai":
+        adapter = self.adapters.get(provider.format)
+        if adapter is None:
             raise InvalidValue(
                 f"Model '{req.model}' routes to provider '{provider.name}', which speaks the {provider.format} "
-                "format; this route forwards OpenAI chat completions only.",
+                f"format; {self.route} cannot be served by it.",
                 reason="provider_format_unsupported",
             )
         price = policy.prices.lookup(req.model, provider.name, upstream_model, provider.base_url)
@@ -294,19 +298,23 @@ class ChatProxy:
                 reason="unknown_model_price",
                 agent_id=agent.agent_id,
             )
-        if req.web_search and price.per_web_search:
+        if req.web_searches is None and price.per_web_search:
             raise Forbidden(
-                "web_search_options adds per-search fees with no per-request limit; ResGov cannot bound its cost.",
+                "The request enables provider-side web search with no limit on searches (per-search fees); "
+                "ResGov cannot bound its cost. Set a limit (e.g. Anthropic's max_uses).",
                 type="unbounded_cost",
                 reason="unbounded_cost",
                 agent_id=agent.agent_id,
             )
         cap = req.output_cap or limit or price.max_output_tokens or policy.global_.default_max_tokens
-        walk = req.body.get("messages") if any(h in raw for h in _MEDIA_HINTS) else None
+        walk = req.media_root if any(h in raw for h in _MEDIA_HINTS) else None
         inb = input_bound(req.raw_size, walk, req.message_count, bool(req.tools), price.context_window)
-        amount = bound_cost(price, inb.tokens, (cap + req.extra_output_tokens) * req.n)
+        output = (cap + req.extra_output_tokens) * req.n if req.has_output else 0
+        amount = bound_cost(price, inb.tokens, output, req.web_searches or 0)
         lines = policy.budget_lines(agent, datetime.now(UTC))
-        return Plan(policy, agent, req, provider, upstream_model, price, inb.tokens, cap, amount, lines)
+        return Plan(
+            policy, agent, req, adapter, provider, upstream_model, price, inb.tokens, cap, amount, lines
+        )
 
     async def _reserve(self, plan: Plan, rid: str, audit: AuditEntry) -> dict[str, LineState]:
         store = self.rt.store
@@ -316,7 +324,7 @@ class ChatProxy:
             outcome = await store.reserve(
                 ReserveRequest(rid, plan.agent.org, plan.agent.agent_id, plan.amount, plan.lines, ttl, audit)
             )
-            if not outcome.ok and g.on_insufficient_budget == "shrink":
+            if not outcome.ok and g.on_insufficient_budget == "shrink" and plan.req.has_output:
                 left = remaining(plan.lines, outcome.states) or 0
                 per_choice = affordable_output_tokens(plan.price, plan.input_tokens, left) // plan.req.n
                 per_choice -= plan.req.extra_output_tokens
@@ -349,8 +357,7 @@ class ChatProxy:
 
     def _upstream(self, plan: Plan, client_headers: dict[bytes, bytes]) -> tuple[str, bytes, dict[str, str]]:
         provider = plan.provider
-        is_openai = provider.name == "openai" or "api.openai.com" in provider.base_url
-        body = upstream_body(plan.req, plan.cap, plan.upstream_model, is_openai)
+        path, body = plan.adapter.build_upstream(plan.req, plan.cap, plan.upstream_model, provider)
         out: dict[str, str] = {}
         for name, value in client_headers.items():
             if name in _DROP_UPSTREAM or name.startswith(b"x-resgov-"):
@@ -359,9 +366,14 @@ class ChatProxy:
         out["content-type"] = "application/json"
         out["accept-encoding"] = "identity"
         key = self.rt.provider_key(provider)
-        if key:
+        if plan.adapter.upstream_format == "anthropic":
+            # Anthropic authenticates with x-api-key and needs a version; never Authorization.
+            out.setdefault("anthropic-version", "2023-06-01")
+            if key:
+                out["x-api-key"] = key
+        elif key:
             out["authorization"] = f"Bearer {key}"
-        return f"{provider.base_url}/chat/completions", body, out
+        return f"{provider.base_url}{path}", body, out
 
     def _cost_headers(self, plan: Plan, states: dict[str, LineState] | Any) -> Headers:
         left = remaining(plan.lines, states)
@@ -431,7 +443,10 @@ class ChatProxy:
                 status=502,
             )
         await send_error(
-            send, err, base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {})
+            send,
+            err,
+            base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}),
+            self.client_format,
         )
         return None
 
@@ -446,7 +461,7 @@ class ChatProxy:
             body = b""
         finally:
             resp.release()
-        upstream_id = resp.headers.get("x-request-id")
+        upstream_id = _upstream_id(resp)
         outcome = await settler.settle(
             "release",
             0,
@@ -456,11 +471,14 @@ class ChatProxy:
             upstream_id=upstream_id,
         )
         headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
-        if not body:
-            body = orjson.dumps(
-                {"error": {"type": "upstream_error", "message": f"Upstream returned {resp.status}"}}
+        if body:
+            body = plan.adapter.client_error(resp.status, body)
+        else:
+            err = UpstreamFailure(
+                f"Upstream returned {resp.status}", reason="upstream_error", status=resp.status
             )
-            headers.append(JSON_CT)
+            body = error_payload(err, self.client_format)
+            headers = [h for h in headers if h[0] != b"content-type"] + [JSON_CT]
         await send_bytes(send, resp.status, body, headers)
 
     # -- non-streaming ---------------------------------------------------------------------------
@@ -493,14 +511,15 @@ class ChatProxy:
                 send,
                 UpstreamFailure(message, reason=reason, type=reason, status=status),
                 base + self._cost_headers(plan, settler.outcome.states if settler.outcome else {}),
+                self.client_format,
             )
             return
-        upstream_id = resp.headers.get("x-request-id")
+        upstream_id = _upstream_id(resp)
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             parsed = None
-        usage = usage_from_openai(parsed.get("usage")) if isinstance(parsed, dict) else None
+        usage = plan.adapter.usage(parsed)
         if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
             upstream_id = upstream_id or parsed["id"]
         if usage is not None:
@@ -513,7 +532,7 @@ class ChatProxy:
                 usage=usage,
             )
         else:
-            produced = response_content_bytes(parsed) if parsed is not None else plan.cap * plan.req.n
+            produced = plan.adapter.content_bytes(parsed) if parsed is not None else 0
             estimate = (
                 bound_cost(plan.price, plan.input_tokens, produced) if parsed is not None else plan.amount
             )
@@ -527,7 +546,7 @@ class ChatProxy:
             )
         cost = self._cost_object(plan, outcome, usage)
         if isinstance(parsed, dict):
-            body = _splice_cost(body, cost)
+            body = _splice_cost(plan.adapter.client_body(body, parsed, plan.req), cost)
         headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
         headers.append((b"x-resgov-cost", _decimal_str(outcome.charged).encode()))
         await send_bytes(send, resp.status, body, headers)
@@ -564,7 +583,7 @@ class ChatProxy:
             return
         headers = self._downstream_headers(resp) + base + self._cost_headers(plan, states)
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        scanner = ChatStreamScanner(strip_usage=not plan.req.client_wants_usage)
+        scanner = plan.adapter.scanner(plan.req)
         gone = asyncio.Event()
 
         async def watch_disconnect() -> None:
@@ -604,8 +623,8 @@ class ChatProxy:
         finally:
             watcher.cancel()
             resp.close()
-        usage = usage_from_openai(scanner.usage) if scanner.usage is not None else None
-        upstream_id = resp.headers.get("x-request-id") or scanner.upstream_id
+        usage = scanner.usage
+        upstream_id = _upstream_id(resp) or scanner.upstream_id
         if usage is not None:
             await settler.settle(
                 "actual",
@@ -633,9 +652,14 @@ class ChatProxy:
         tail = scanner.finish()
         if ended in ("idle_timeout", "upstream_cut"):
             message = "Upstream stalled" if ended == "idle_timeout" else "Upstream stream was cut"
-            tail += b"data: " + orjson.dumps({"error": {"type": ended, "message": message}}) + b"\n\n"
+            tail += scanner.error_event(ended, message)
         if not gone.is_set():
             await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def _upstream_id(resp: aiohttp.ClientResponse) -> str | None:
+    """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``)."""
+    return resp.headers.get("x-request-id") or resp.headers.get("request-id")
 
 
 def _splice_cost(body: bytes, cost: dict[str, Any]) -> bytes:
