@@ -7,6 +7,7 @@ and nowhere else. Prices are integers: nano-units per million tokens.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -245,6 +246,21 @@ def genai_prices_lookup(provider: str, model: str, base_url: str, when: datetime
     return None
 
 
+def genai_prices_models(provider: str, base_url: str) -> list[str]:
+    """Model ids the price library knows for a provider (matched by id, then by base URL)."""
+    from genai_prices.data_snapshot import get_snapshot
+
+    snapshot = get_snapshot()
+    for candidate in snapshot.providers:
+        if candidate.id == provider:
+            return [m.id for m in candidate.models]
+    for candidate in snapshot.providers:
+        pattern = getattr(candidate, "api_pattern", None)
+        if pattern and re.match(pattern, base_url):
+            return [m.id for m in candidate.models]
+    return []
+
+
 @dataclass
 class PriceBook:
     """Resolves the price of a model: ``.rgf`` overrides, then refreshed prices, then the library.
@@ -255,7 +271,14 @@ class PriceBook:
     overrides: Mapping[str, ModelPrice] = field(default_factory=dict)
     refreshed: Mapping[str, ModelPrice] = field(default_factory=dict)
     library: LibraryLookup | None = genai_prices_lookup
+    catalogue: Callable[[str, str], list[str]] | None = genai_prices_models
     _memo: dict[tuple[str, str, str, str], ModelPrice | None] = field(default_factory=dict)
+
+    def known_models(self, provider: str, base_url: str) -> list[str]:
+        """Model ids the library prices for this provider (empty when library prices are off)."""
+        if self.library is None or self.catalogue is None:
+            return []
+        return self.catalogue(provider, base_url)
 
     def lookup(
         self,

@@ -22,7 +22,8 @@ MAX_CHOICES = 128
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 
 
-def _int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+def int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    """An optional integer field: 400 for a wrong type, 422 outside ``[minimum, maximum]``."""
     value = body.get(name)
     if value is None:
         return None
@@ -91,12 +92,12 @@ def parse_chat(raw: bytes) -> ParsedRequest:
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object.", reason="invalid_type", param="stream_options")
     wants_usage = bool(options.get("include_usage")) if options else False
-    n = _int_field(body, "n", minimum=1, maximum=MAX_CHOICES) or 1
+    n = int_field(body, "n", minimum=1, maximum=MAX_CHOICES) or 1
     caps = [
         c
         for c in (
-            _int_field(body, "max_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
-            _int_field(body, "max_completion_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
+            int_field(body, "max_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
+            int_field(body, "max_completion_tokens", minimum=1, maximum=MAX_OUTPUT_CAP),
         )
         if c is not None
     ]

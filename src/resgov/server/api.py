@@ -15,7 +15,7 @@ from resgov.config.rgf import NAME_RE
 from resgov.core.errors import InvalidValue, NotFound, ResGovError, Unauthorized
 from resgov.core.money import to_units
 from resgov.ledger.store import ApiKeyRecord, AuditQuery
-from resgov.server.auth import SCOPES, admin_token_matches, key_from_headers, new_key
+from resgov.server.auth import SCOPES, admin_token_matches, agent_for, key_from_headers, new_key
 from resgov.server.runtime import Runtime
 
 
@@ -262,6 +262,31 @@ def build_router() -> APIRouter:
             allowed_tools=list(agent.allowed_tools) if agent.allowed_tools is not None else None,
             max_tokens_per_request=agent.max_tokens_per_request,
         )
+
+    @router.get("/v1/models", tags=["proxy"])
+    async def list_models(
+        request: Request, x_resgov_agent_id: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        """The models this key's agent may call, in OpenAI's list format."""
+        rt = runtime(request)
+        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
+        record = await rt.keys.authenticate(key_from_headers(headers), "proxy")
+        policy = rt.policy
+        agent = policy.agent(record.org, agent_for(record, x_resgov_agent_id))
+        owners: dict[str, str] = {
+            name: name.partition("/")[0] if "/" in name else "custom" for name in policy.prices.overrides
+        }
+        for provider in policy.providers.values():
+            for model_id in policy.prices.known_models(provider.name, provider.base_url):
+                owners.setdefault(f"{provider.name}/{model_id}", provider.name)
+                if provider.name == policy.global_.default_provider:
+                    owners.setdefault(model_id, provider.name)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": owner}
+            for name, owner in sorted(owners.items())
+            if agent.model_allowed(name)
+        ]
+        return {"object": "list", "data": data}
 
     @router.get("/api/v1/audit", tags=["audit"])
     async def audit(

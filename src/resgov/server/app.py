@@ -12,7 +12,9 @@ from resgov import __version__
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
 from resgov.ledger.store import Store
+from resgov.providers.embeddings import Embeddings
 from resgov.providers.openai import ChatCompletions
+from resgov.providers.responses import Responses
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
 from resgov.server.proxy import ProxyRoute
@@ -28,7 +30,13 @@ class ResGovApp:
         self.runtime = runtime
         self.api = api
         chat = ProxyRoute(runtime, "/v1/chat/completions", "openai", {"openai": ChatCompletions()})
-        self.routes = {("POST", chat.route): chat, ("POST", "/chat/completions"): chat}
+        embeddings = ProxyRoute(runtime, "/v1/embeddings", "openai", {"openai": Embeddings()})
+        responses = ProxyRoute(runtime, "/v1/responses", "openai", {"openai": Responses()})
+        self.routes: dict[tuple[str, str], ProxyRoute] = {}
+        for route in (chat, embeddings, responses):
+            self.routes[("POST", route.route)] = route
+            # Clients whose base URL has no /v1 (some SDK configurations) reach the same route.
+            self.routes[("POST", route.route.removeprefix("/v1"))] = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
