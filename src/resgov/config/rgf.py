@@ -16,7 +16,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from resgov.core.money import parse_amount, price_per_mtok
-from resgov.core.policy import DEFAULT_ORG, AgentPolicy, GlobalPolicy, OrgPolicy, Policy, ProviderPolicy
+from resgov.core.policy import (
+    DEFAULT_ORG,
+    AgentPolicy,
+    GlobalPolicy,
+    Limits,
+    OrgPolicy,
+    Policy,
+    ProviderPolicy,
+)
 from resgov.core.pricing import ModelPrice, PriceBook, Rate
 from resgov.core.windows import PERIODS, Period
 
@@ -103,7 +111,40 @@ class _Budgets(_Section):
         return out
 
 
-class AgentSection(_Budgets):
+class _Limits(_Section):
+    """Runaway-loop guards shared by agents and orgs (absent or 0 = off)."""
+
+    rpm: int | None = Field(None, ge=0, le=10_000_000)
+    tpm: int | None = Field(None, ge=0, le=10_000_000_000)
+    max_concurrent: int | None = Field(None, ge=0, le=1_000_000)
+    loop_max_repeats: int | None = Field(None, ge=0, le=1_000_000)
+    loop_window_seconds: Seconds = 300.0
+    loop_match: Literal["normalized", "exact"] = "normalized"
+    max_spend_per_minute: Amount | None = None
+    spend_velocity_multiple: float | None = Field(None, ge=0, le=1_000_000)
+    cooldown_seconds: float | None = Field(None, ge=0, le=30 * 86_400)
+    session_budget: Amount | None = None
+    max_calls_per_session: int | None = Field(None, ge=0, le=100_000_000)
+
+    def compile(self) -> Limits:
+        return Limits(
+            rpm=self.rpm or None,
+            tpm=self.tpm or None,
+            max_concurrent=self.max_concurrent or None,
+            loop_max_repeats=self.loop_max_repeats or None,
+            loop_window_seconds=self.loop_window_seconds,
+            loop_match=self.loop_match,
+            max_spend_per_minute=parse_amount(self.max_spend_per_minute)
+            if self.max_spend_per_minute
+            else None,
+            spend_velocity_multiple=self.spend_velocity_multiple or None,
+            cooldown_seconds=self.cooldown_seconds or None,
+            session_budget=parse_amount(self.session_budget) if self.session_budget else None,
+            max_calls_per_session=self.max_calls_per_session or None,
+        )
+
+
+class AgentSection(_Budgets, _Limits):
     """``[agents.NAME]`` (or ``[orgs.ORG.agents.NAME]``)."""
 
     org: str | None = None
@@ -112,7 +153,7 @@ class AgentSection(_Budgets):
     allowed_tools: list[str] | None = None
 
 
-class OrgSection(_Budgets):
+class OrgSection(_Budgets, _Limits):
     """``[orgs.NAME]``: an organisation's budgets and, optionally, its agents."""
 
     agents: dict[str, AgentSection] = Field(default_factory=dict)
@@ -229,10 +270,11 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
             max_tokens_per_request=section.max_tokens_per_request,
             allowed_models=tuple(section.allowed_models) if section.allowed_models is not None else None,
             allowed_tools=tuple(section.allowed_tools) if section.allowed_tools is not None else None,
+            limits=section.compile(),
         )
 
     for org_id, org_section in rgf.orgs.items():
-        orgs[org_id] = OrgPolicy(org_id, org_section.limits())
+        orgs[org_id] = OrgPolicy(org_id, org_section.limits(), org_section.compile())
         for agent_id, section in org_section.agents.items():
             if not NAME_RE.match(agent_id):
                 problems.append((f"orgs.{org_id}.agents.{agent_id}", "invalid name"))

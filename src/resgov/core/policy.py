@@ -32,6 +32,38 @@ class ProviderPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Runaway-loop guards for an agent or an org. ``None`` (or 0 in the file) = off."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    loop_max_repeats: int | None = None
+    loop_window_seconds: float = 300.0
+    loop_match: Literal["normalized", "exact"] = "normalized"
+    #: Nano-units per minute (any sliding 60 s).
+    max_spend_per_minute: int | None = None
+    #: Trip when the last minute's spend exceeds this multiple of the recent per-minute norm.
+    spend_velocity_multiple: float | None = None
+    #: ``None``: a tripped breaker stays until an admin resumes the agent.
+    cooldown_seconds: float | None = None
+    #: Per ``X-ResGov-Session-ID``: nano-units, and calls.
+    session_budget: int | None = None
+    max_calls_per_session: int | None = None
+
+    @property
+    def any(self) -> bool:
+        """True when at least one guard is on (the hot path skips the guard otherwise)."""
+        return any(
+            v is not None
+            for v in (
+                self.rpm, self.tpm, self.max_concurrent, self.loop_max_repeats, self.max_spend_per_minute,
+                self.spend_velocity_multiple, self.session_budget, self.max_calls_per_session,
+            )
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class AgentPolicy:
     """What one agent of one org may do."""
 
@@ -41,6 +73,7 @@ class AgentPolicy:
     max_tokens_per_request: int | None = None
     allowed_models: tuple[str, ...] | None = None
     allowed_tools: tuple[str, ...] | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def model_allowed(self, model: str) -> bool:
         """Exact names and glob patterns; no list means any (priced) model."""
@@ -69,6 +102,7 @@ class OrgPolicy:
 
     org_id: str
     budgets: Mapping[Period, int] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True, slots=True)
