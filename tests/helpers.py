@@ -252,3 +252,32 @@ def resgov_process(
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+# --- shared by the issue-2 e2e suites (appended) ------------------------------------------------
+
+#: policy_for's fixed prices, nano-units per million tokens.
+SIM_INPUT_PER_MTOK = 1_000_000_000
+SIM_OUTPUT_PER_MTOK = 4_000_000_000
+
+
+def sim_cost(input_tokens: int, output_tokens: int) -> int:
+    """What a call on ``gpt-sim`` costs, in nano-units, rounded up once (the README's rule)."""
+    numerator = input_tokens * SIM_INPUT_PER_MTOK + output_tokens * SIM_OUTPUT_PER_MTOK
+    return -(-numerator // 1_000_000)
+
+
+def sim_bound(raw: bytes, messages: int, cap: int, n: int = 1, tools: bool = False) -> int:
+    """The documented worst case of a text-only request: body bytes + overheads in, cap x n out."""
+    input_tokens = len(raw) + 64 + 16 * messages + (1024 if tools else 0)
+    return sim_cost(input_tokens, cap * n)
+
+
+def sim_chat_bodies(sim: Any) -> list[Any]:
+    """The JSON bodies the simulator received on its chat route, oldest first."""
+    return [r.body for r in list(sim.stats.requests) if r.path.endswith("/chat/completions")]
+
+
+def sim_chat_count(sim: Any) -> int:
+    """How many chat requests reached the simulator."""
+    return int(sim.stats.received.get("/chat/completions", 0))

@@ -84,7 +84,7 @@ def to_units(nano: int) -> float:
     """Nano-units as a JSON number in currency units (``311_000_000`` → ``0.311``).
 
     Only for display: the float is the shortest decimal that round-trips, so it
-    shows exactly the nano amount for any amount below ~9 million units.
+    shows exactly the nano amount for any amount below 1 million units (10^15 nano).
     """
     return float(Decimal(nano) / NANO)
 
