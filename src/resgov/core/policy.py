@@ -121,6 +121,11 @@ class GlobalPolicy:
     max_request_bytes: int = 32 * 1024 * 1024
 
 
+def _window_floor(lines: tuple[BudgetLine, ...]) -> float:
+    """The latest window start among cached lines: a clock set back before it invalidates them."""
+    return float(max((line.window_start for line in lines if line.resets_at is not None), default=0))
+
+
 @dataclass(frozen=True)
 class Policy:
     """Everything an ``.rgf`` file says, compiled and validated. Immutable: a reload builds a new one."""
@@ -131,6 +136,11 @@ class Policy:
     orgs: Mapping[str, OrgPolicy]
     prices: PriceBook
     source: str = "<defaults>"
+    #: (org, agent) -> (valid until, lines): windows only change at a reset, and computing
+    #: them (zoneinfo arithmetic) is a measurable share of the hot path.
+    _lines_cache: dict[tuple[str, str], tuple[float, tuple[BudgetLine, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def tz(self) -> ZoneInfo:
@@ -151,8 +161,18 @@ class Policy:
 
     def budget_lines(self, agent: AgentPolicy, now: datetime) -> list[BudgetLine]:
         """Every budget covering a call by ``agent`` now: the agent's windows and its org's."""
+        key = (agent.org, agent.agent_id)
+        stamp = now.timestamp()
+        cached = self._lines_cache.get(key)
+        if cached is not None and stamp < cached[0] and stamp >= _window_floor(cached[1]):
+            return list(cached[1])
         org = self.orgs.get(agent.org)
-        return lines_for(agent.org, agent.agent_id, agent.budgets, org.budgets if org else {}, now, self.tz)
+        lines = lines_for(agent.org, agent.agent_id, agent.budgets, org.budgets if org else {}, now, self.tz)
+        resets = [line.resets_at for line in lines if line.resets_at is not None]
+        if len(self._lines_cache) > 100_000:
+            self._lines_cache.clear()
+        self._lines_cache[key] = (float(min(resets)) if resets else float("inf"), tuple(lines))
+        return lines
 
     def route(self, model: str) -> tuple[ProviderPolicy, str]:
         """``provider/model`` selects that provider; a bare name goes to ``default_provider``."""
