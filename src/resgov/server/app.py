@@ -17,6 +17,7 @@ from resgov.providers.openai import ChatCompletions
 from resgov.providers.responses import Responses
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
+from resgov.server.dashboard import build_dashboard_router
 from resgov.server.proxy import ProxyRoute
 from resgov.server.runtime import PolicyHolder, Runtime
 
@@ -73,5 +74,6 @@ def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
     )
     api.state.runtime = runtime
     api.include_router(build_router())
+    api.include_router(build_dashboard_router())
     install_error_handlers(api)
     return ResGovApp(runtime, api)
