@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 from resgov.config.rgf import parse_policy
-from resgov.server.dashboard import build_dashboard_router
 from tests.e2e.test_prediction import Spend, seed_spend
 from tests.helpers import ADMIN_TOKEN, Proxy, policy_for
 
@@ -191,7 +190,6 @@ def proxy(tmp_path: Path, sim: Any) -> Iterator[Proxy]:
     text = policy_for(sim.base_url, AGENTS)
     seed_history(str(tmp_path / "resgov.db"), text)
     p = Proxy(tmp_path, text)
-    p.app.api.include_router(build_dashboard_router())
     with p:
         yield p
 

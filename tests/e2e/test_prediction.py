@@ -29,7 +29,7 @@ from resgov.core.policy import Policy
 from resgov.core.windows import window_bounds
 from resgov.ledger.sqlite import SQLiteStore
 from resgov.ledger.store import AuditEntry, ReserveRequest, SettleRequest
-from resgov.server.dashboard import build_dashboard_router, exhaustion_events
+from resgov.server.dashboard import exhaustion_events
 from tests.helpers import ADMIN_TOKEN, Proxy, policy_for
 
 NANO = 1_000_000_000
@@ -168,7 +168,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     seed_spend(str(tmp / "resgov.db"), policy, spends, t0)
     proxy = Proxy(tmp, text)
-    proxy.app.api.include_router(build_dashboard_router(clock=lambda: t0))
+    _pin_clock(proxy, t0)
     with proxy:
         yield World(
             proxy=proxy,
@@ -412,7 +412,6 @@ def test_live_calls_through_the_proxy_feed_the_forecast(tmp_path: Path, sim: Any
     """With the real clock: a proxied call's cost shows up in the rate and the remaining budget."""
     agents = "[agents.hermes]\ndaily_budget = 3.00\n"
     proxy = Proxy(tmp_path, policy_for(sim.base_url, agents))
-    proxy.app.api.include_router(build_dashboard_router())
     with proxy:
         key = proxy.key()
         before = httpx.get(
@@ -441,3 +440,8 @@ def test_live_calls_through_the_proxy_feed_the_forecast(tmp_path: Path, sim: Any
     )
     assert datetime.fromisoformat(body["prediction_timestamp"].replace("Z", "+00:00")) > datetime.now(UTC)
     proxy.ledger.check_invariants()
+
+
+def _pin_clock(proxy: Proxy, t0: float) -> None:
+    """Pin the dashboard routes' clock to ``t0``."""
+    proxy.app.api.state.clock = lambda: t0

@@ -504,8 +504,16 @@ def _asset(name: str) -> bytes:
     return resources.files("resgov.server").joinpath(_STATIC, name).read_bytes()
 
 
-def build_dashboard_router(clock: Callable[[], float] = time.time) -> APIRouter:
-    """The prediction API, the dashboard page and its JSON. ``clock`` is injectable for tests."""
+def build_dashboard_router(clock: Callable[[], float] | None = None) -> APIRouter:
+    """The prediction API, the dashboard page and its JSON.
+
+    ``clock`` (else ``app.state.clock``, else the wall clock) is injectable for tests.
+    """
+
+    def now_of(request: Request) -> float:
+        chosen = clock or getattr(request.app.state, "clock", None) or time.time
+        return float(chosen())
+
     router = APIRouter()
     # Read once: the files ship in the package and do not change under a running server.
     assets = {name: _asset(name) for name in _ASSETS}
@@ -536,7 +544,7 @@ def build_dashboard_router(clock: Callable[[], float] = time.time) -> APIRouter:
         agent = policy.agents.get((org, agent_id))
         if agent is None:
             raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
-        now = clock()
+        now = now_of(request)
         lookback = lookback_hours * 3600.0
         size = bucket_seconds_for(lookback)
         lines = [
@@ -605,7 +613,7 @@ def build_dashboard_router(clock: Callable[[], float] = time.time) -> APIRouter:
         else:
             org = _visible_org(policy, caller, org_id, None)
         try:
-            return await _summary(rt.store, policy, caller, org, lookback_hours, clock(), _hints(request))
+            return await _summary(rt.store, policy, caller, org, lookback_hours, now_of(request), _hints(request))
         except StoreError as exc:
             raise StoreUnavailable("The ledger store is unreachable.", reason="store_unavailable") from exc
 
