@@ -1,4 +1,9 @@
-"""``resgov demo``: watch ResGov stop a runaway agent loop at its budget, with nothing configured.
+"""``resgov demo``: watch ResGov stop runaway agent loops, with nothing configured.
+
+Two acts. First a stuck agent re-sends the same request over and over (only the UUID and
+the timestamp of its failed tool run change): the loop detector stops it after exactly
+``loop_max_repeats`` calls, long before its daily budget. Then an agent whose calls are all
+different, each more expensive than the last, runs until its budget stops it.
 
 Everything runs in one event loop inside a temporary directory and talks only to
 127.0.0.1:
@@ -7,14 +12,16 @@ Everything runs in one event loop inside a temporary directory and talks only to
   request that reaches it;
 * ResGov itself (``create_app`` served by ``uvicorn.Server``) over a SQLite ledger
   in the temporary directory, with a demo ``.rgf`` and a random admin token;
-* a "runaway" agent written against the plain HTTP API (aiohttp, a runtime
-  dependency; the openai SDK is only a dev extra), whose conversation grows on every
-  turn so each call costs more than the last, mixing streaming and JSON answers.
+* a "stuck" agent that retries one failing step, and a "runaway" agent, both written
+  against the plain HTTP API (aiohttp, a runtime dependency; the openai SDK is only a
+  dev extra); the runaway's conversation grows on every turn so each call costs more
+  than the last, mixing streaming and JSON answers.
 
-The demo then checks the promises it just showed (the loop was refused with the
-brief's 403 body, the upstream saw exactly the allowed calls, the ledger and the
-audit trail agree to the nano-unit, nothing stays reserved) and returns 0 only if
-they all hold, so it doubles as a smoke test in CI.
+The demo then checks the promises it just showed (the stuck loop was refused with 429
+``loop_detected`` after exactly the configured count, the runaway loop with the brief's
+403 body, the upstream saw exactly the allowed calls, the ledger and the audit trail
+agree to the nano-unit, nothing stays reserved) and returns 0 only if they all hold, so
+it doubles as a smoke test in CI.
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import secrets
 import socket
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -49,7 +59,7 @@ from resgov.ledger.sqlite import SQLiteStore
 from resgov.server.app import create_app
 from resgov.simulator.upstream import ROUTE_CHAT, SimConfig, SimUpstream
 
-__all__ = ["DEMO_AGENT", "DEMO_MODEL", "DEMO_ORG", "demo_policy", "run_demo"]
+__all__ = ["DEMO_AGENT", "DEMO_MODEL", "DEMO_ORG", "LOOP_AGENT", "LOOP_REPEATS", "demo_policy", "run_demo"]
 
 DEMO_ORG = "demo"
 DEMO_AGENT = "runaway-bot"
@@ -57,6 +67,14 @@ DEMO_AGENT = "runaway-bot"
 DEMO_MODEL = "sim/gpt-4o-demo"
 #: Per-request output cap of the agent (also the cap ResGov applies when a call sends none).
 MAX_TOKENS_PER_REQUEST = 512
+#: The first act's agent: stuck retrying one step; the loop detector stops it.
+LOOP_AGENT = "stuck-bot"
+#: Near-identical calls the stuck agent may make within the loop window; the next one trips.
+LOOP_REPEATS = 5
+#: The stuck agent's daily budget (USD): fixed, and far more than its loop ever gets to spend.
+LOOP_BUDGET = Decimal("1.00")
+LOOP_MAX_TOKENS = 64
+LOOP_COOLDOWN_SECONDS = 300
 #: How many more times the runaway agent hammers ResGov after its first refusal (each
 #: retry must be refused too, and none may reach the upstream).
 RETRIES_AFTER_REFUSAL = 3
@@ -194,6 +212,18 @@ org = "{DEMO_ORG}"
 daily_budget = {format(budget, "f")}
 max_tokens_per_request = {MAX_TOKENS_PER_REQUEST}
 allowed_models = ["{DEMO_MODEL}"]
+
+# Act one: the loop detector. {LOOP_REPEATS} near-identical calls (same model, same messages once
+# UUIDs, hex ids and timestamps are masked) within 5 minutes are allowed; the next one pauses
+# the agent for {LOOP_COOLDOWN_SECONDS} s (or until POST /api/v1/admin/agents/{LOOP_AGENT}/resume).
+[agents.{LOOP_AGENT}]
+org = "{DEMO_ORG}"
+daily_budget = {format(LOOP_BUDGET, "f")}
+max_tokens_per_request = {LOOP_MAX_TOKENS}
+allowed_models = ["{DEMO_MODEL}"]
+loop_max_repeats = {LOOP_REPEATS}
+loop_window_seconds = 300
+cooldown_seconds = {LOOP_COOLDOWN_SECONDS}
 """
 
 
@@ -254,6 +284,11 @@ async def _resgov(workdir: Path, policy_text: str, admin_token: str) -> AsyncIte
     settings = Settings(config_path=str(policy_path), store_url=f"sqlite:///{db}", admin_token=admin_token,
                         host="127.0.0.1", drain_seconds=5.0)  # fmt: skip
     app = create_app(settings, SQLiteStore(str(db)), policy)
+    # The breaker's warning would land in the middle of the table (Python's last-resort handler
+    # prints to stderr): the demo shows each trip itself, and its audit record.
+    quiet = logging.NullHandler()
+    guard_log = logging.getLogger("resgov.guard")
+    guard_log.addHandler(quiet)
     sock = _loopback_socket()
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
@@ -276,6 +311,7 @@ async def _resgov(workdir: Path, policy_text: str, admin_token: str) -> AsyncIte
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=15)
         sock.close()
+        guard_log.removeHandler(quiet)
 
 
 async def _create_key(http: aiohttp.ClientSession, url: str, admin_token: str) -> str:
@@ -298,23 +334,25 @@ async def _get_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
         return orjson.loads(body)
 
 
-async def _agent_budget(http: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> dict[str, Any]:
-    """The runaway agent's own daily window (``GET /api/v1/agents/{id}``)."""
-    data = await _get_json(http, f"{url}/api/v1/agents/{DEMO_AGENT}", auth)
+async def _agent_budget(
+    http: aiohttp.ClientSession, url: str, auth: dict[str, str], agent: str = DEMO_AGENT
+) -> dict[str, Any]:
+    """An agent's own daily window (``GET /api/v1/agents/{id}``); the runaway agent's by default."""
+    data = await _get_json(http, f"{url}/api/v1/agents/{agent}", auth)
     for window in data.get("budgets", []):
         if window.get("level") == "agent" and window.get("period") == "daily":
             return dict(window)
     raise DemoError(f"no daily agent budget in {data!r}")
 
 
-async def _audit(http: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> list[dict[str, Any]]:
-    """Every audit record of the demo agent, following the pagination cursor."""
+async def _audit(
+    http: aiohttp.ClientSession, url: str, auth: dict[str, str], agent: str = DEMO_AGENT
+) -> list[dict[str, Any]]:
+    """Every audit record of one demo agent (the runaway by default), following the pagination cursor."""
     items: list[dict[str, Any]] = []
     after = 0
     while True:
-        page = await _get_json(
-            http, f"{url}/api/v1/audit?agent_id={DEMO_AGENT}&after={after}&limit=1000", auth
-        )
+        page = await _get_json(http, f"{url}/api/v1/audit?agent_id={agent}&after={after}&limit=1000", auth)
         batch = page.get("items", [])
         items.extend(batch)
         nxt = page.get("next_after")
@@ -323,7 +361,115 @@ async def _audit(http: aiohttp.ClientSession, url: str, auth: dict[str, str]) ->
         after = int(nxt)
 
 
-# ---------------------------------------------------------------------------- the runaway agent
+# ---------------------------------------------------------------------------- act one: a stuck agent
+
+STUCK_SYSTEM = "You are stuck-bot. When a tool call fails, call the tool again until it succeeds."
+STUCK_TASK = "Upload the quarterly report to the archive with the upload tool."
+#: A failing tool run: only its id and its time change from one retry to the next.
+STUCK_OBSERVATION = "upload(report.pdf) run {run} failed at {at}: HTTP 503 Service Unavailable. Try again."
+
+
+@dataclass
+class LoopOutcome:
+    """What the stuck agent saw: each call's status, each refusal's error object."""
+
+    statuses: list[int] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    refusal_body: str | None = None
+    retry_after: str | None = None
+    failure: str | None = None
+
+    @property
+    def allowed(self) -> int:
+        """Calls that went through ResGov to the upstream."""
+        return self.statuses.count(200)
+
+
+def stuck_request() -> dict[str, Any]:
+    """The stuck agent's request: the same every time, but for a fresh UUID and timestamp."""
+    at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return {
+        "model": DEMO_MODEL,
+        "max_tokens": LOOP_MAX_TOKENS,
+        "messages": [
+            {"role": "system", "content": STUCK_SYSTEM},
+            {"role": "user", "content": STUCK_TASK},
+            {"role": "user", "content": STUCK_OBSERVATION.format(run=uuid.uuid4(), at=at)},
+        ],
+    }
+
+
+async def _run_stuck_loop(
+    console: Console, http: aiohttp.ClientSession, url: str, api_key: str
+) -> LoopOutcome:
+    """Retry the failing step until ResGov stops it, then a few more times (a stuck agent does)."""
+    out = LoopOutcome()
+    headers = {"Authorization": f"Bearer {api_key}", "X-ResGov-Agent-ID": LOOP_AGENT,
+               "Content-Type": "application/json"}  # fmt: skip
+    for n in range(1, LOOP_REPEATS + 2 + RETRIES_AFTER_REFUSAL):
+        body = stuck_request()
+        async with http.post(f"{url}/v1/chat/completions", data=orjson.dumps(body), headers=headers) as resp:
+            raw = await resp.read()
+            out.statuses.append(resp.status)
+            retry_after = resp.headers.get("Retry-After")
+        if resp.status == 200:
+            cost = (orjson.loads(raw).get("resgov_cost") or {}).get("actual")
+            console.print(f"{n:>3} json   retry #{n}: same request, new run id and time   200  "
+                          f"cost {_money(_dec(cost) if cost is not None else None)}",
+                          highlight=False, markup=False)  # fmt: skip
+        else:
+            error: dict[str, Any] = {}
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+                error = dict(orjson.loads(raw)["error"])
+            out.errors.append(error)
+            if out.refusal_body is None:
+                out.refusal_body = raw.decode("utf-8", errors="replace")
+                out.retry_after = retry_after
+            console.print(f"{n:>3} json   retry #{n}: same request, new run id and time   REFUSED {resp.status} "
+                          f"{error.get('reason', 'error')} (never reached the upstream)",
+                          highlight=False, markup=False)  # fmt: skip
+            if resp.status != 429:
+                out.failure = f"call {n} answered {resp.status}: {raw.decode(errors='replace')}"
+                return out
+        await asyncio.sleep(TOOL_SECONDS / 3)
+    return out
+
+
+def _check_loop(
+    out: LoopOutcome, upstream_calls: int, budget: dict[str, Any], audit: list[dict[str, Any]]
+) -> list[tuple[bool, str]]:
+    """Each promise of act one, with a line that says what was compared."""
+    expected = [200] * LOOP_REPEATS + [429] * (1 + RETRIES_AFTER_REFUSAL)
+    first = out.errors[0] if out.errors else {}
+    spent, reserved = _dec(budget["spent"]), _dec(budget["reserved"])
+    trips = [
+        a for a in audit if a.get("reason") == "loop_detected" and (a.get("detail") or {}).get("tripped")
+    ]
+    evidence = (trips[0].get("detail") or {}) if trips else {}
+    audit_actual = sum((_dec(item.get("actual", 0)) for item in audit), Decimal(0))
+    return [
+        (out.failure is None, "every stuck call was either served or refused with 429"
+         + (f" ({out.failure})" if out.failure else "")),
+        (out.statuses == expected,
+         f"exactly {LOOP_REPEATS} near-identical calls were allowed, then every call refused "
+         f"({', '.join(map(str, out.statuses))})"),
+        (first.get("type") == "circuit_breaker_open" and first.get("reason") == "loop_detected"
+         and first.get("agent_id") == LOOP_AGENT and out.retry_after == str(LOOP_COOLDOWN_SECONDS),
+         f"the refusal is 429 circuit_breaker_open / loop_detected with Retry-After: {out.retry_after}"),
+        (len(out.errors) > 1 and all(e.get("reason") == "loop_detected" for e in out.errors[1:]),
+         "the retries after the trip were refused too: the agent is paused"),
+        (upstream_calls == out.allowed, f"upstream received {upstream_calls} call(s) = {out.allowed} allowed"),
+        (spent * 100 < LOOP_BUDGET,
+         f"stopped having spent {_exact(spent)}, under 1% of its {_exact(LOOP_BUDGET)} daily budget"),
+        (reserved == 0 and _nano(audit_actual) == _nano(spent),
+         f"reserved {_exact(reserved)}; Σ audit actual {_exact(audit_actual)} = spent {_exact(spent)}"),
+        (len(trips) == 1 and evidence.get("count") == LOOP_REPEATS + 1 and evidence.get("limit") == LOOP_REPEATS,
+         f"audit: one trip recorded with its evidence (count {evidence.get('count')}, "
+         f"limit {evidence.get('limit')}, window {evidence.get('window_seconds', 0):g} s)"),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- act two: the runaway agent
 
 
 class RunawayAgent:
@@ -675,20 +821,35 @@ async def _show(console: Console, limit: Decimal, max_calls: int) -> int:
                         f"[bold]ResGov demo[/]: ResGov on {url}, simulated provider on {sim.base_url}, "
                         f"ledger in {tmp}/resgov.db"
                     )
-                    console.print(
-                        f"Agent [bold]{DEMO_AGENT}[/] (org {DEMO_ORG}) has a daily budget of {_exact(limit)} "
-                        f"for {DEMO_MODEL} ($2.50 / $10.00 per MTok, max {MAX_TOKENS_PER_REQUEST} tokens a call). "
-                        "Its loop never ends; every turn re-sends the whole, growing conversation.\n"
-                    )
                     auth = {"Authorization": f"Bearer {api_key}"}
+                    console.print(
+                        f"[bold]Act 1: the loop detector.[/] Agent [bold]{LOOP_AGENT}[/] keeps retrying a failing "
+                        f"tool with the same request; only the run id and the time change. It may send "
+                        f"{LOOP_REPEATS} near-identical requests within 5 minutes (loop_max_repeats = {LOOP_REPEATS}); "
+                        f"its daily budget is {_exact(LOOP_BUDGET)}.\n"
+                    )
+                    seen = sim.stats.received.get(ROUTE_CHAT, 0)
+                    loop_outcome = await _run_stuck_loop(console, http, url, api_key)
+                    loop_upstream = sim.stats.received.get(ROUTE_CHAT, 0) - seen
+                    loop_budget = await _agent_budget(http, url, auth, LOOP_AGENT)
+                    loop_audit = await _audit(http, url, auth, LOOP_AGENT)
+                    console.print()
+                    console.print(
+                        f"[bold]Act 2: the budget.[/] Agent [bold]{DEMO_AGENT}[/] (org {DEMO_ORG}) has a daily budget of {_exact(limit)} "
+                        f"for {DEMO_MODEL} ($2.50 / $10.00 per MTok, max {MAX_TOKENS_PER_REQUEST} tokens a call). "
+                        "Its loop never ends; every turn re-sends the whole, growing conversation, so no "
+                        "two calls are alike and only the budget can stop it.\n"
+                    )
                     agent = RunawayAgent(http, url, api_key)
+                    seen = sim.stats.received.get(ROUTE_CHAT, 0)
                     with Display(console, limit) as display:
                         outcome = await _run_loop(agent, display, http, url, auth, max_calls)
-                    upstream_calls = sim.stats.received.get(ROUTE_CHAT, 0)
+                    upstream_calls = sim.stats.received.get(ROUTE_CHAT, 0) - seen
                     budget = await _agent_budget(http, url, auth)
                     audit = await _audit(http, url, auth)
         elapsed = time.monotonic() - started
     # Everything is shut down and the temporary directory is gone: now tell the story.
+    loop_ok = _tell_loop(console, loop_outcome, loop_upstream, loop_budget, loop_audit)
     if outcome.refusal_body is not None:
         console.print()
         console.print(f"[bold]ResGov's answer to call #{next(r.n for r in outcome.rows if not r.allowed)}[/] "
@@ -710,10 +871,37 @@ async def _show(console: Console, limit: Decimal, max_calls: int) -> int:
     if all(ok for ok, _ in checks):
         console.print(f"[bold green]budget held: spent {_exact(spent)} ≤ limit {_exact(limit)}; "
                       f"upstream saw {upstream_calls} calls = {allowed} allowed[/]")  # fmt: skip
-        return 0
+        return 0 if loop_ok else 1
     console.print(f"[bold red]budget NOT verified: spent {_exact(spent)} (limit {_exact(limit)}); "
                   f"upstream saw {upstream_calls} calls, {allowed} allowed; see ✘ above[/]")  # fmt: skip
     return 1
+
+
+def _tell_loop(console: Console, out: LoopOutcome, upstream_calls: int, budget: dict[str, Any],
+               audit: list[dict[str, Any]]) -> bool:  # fmt: skip
+    """Act one's refusal, checks and verdict; True when every check held."""
+    console.print()
+    if out.refusal_body is not None:
+        console.print(f"[bold]Act 1: ResGov's answer to retry #{LOOP_REPEATS + 1}[/] (HTTP 429, "
+                      f"Retry-After: {out.retry_after}, body exactly as received):")  # fmt: skip
+        console.print(Text(out.refusal_body), soft_wrap=True, highlight=False, markup=False)
+        console.print(
+            "The loop detector masks what changes on every turn of a stuck loop (UUIDs, hex ids, "
+            "timestamps) and counts identical requests: the agent was paused after "
+            f"{LOOP_REPEATS} tries, for cents, instead of burning its whole budget.",
+            highlight=False,
+        )
+    checks = _check_loop(out, upstream_calls, budget, audit)
+    for ok, text in checks:
+        console.print(Text.assemble(("  ✔ " if ok else "  ✘ ", "green" if ok else "bold red"), text))
+    spent = _dec(budget["spent"])
+    if all(ok for ok, _ in checks):
+        console.print(f"[bold green]loop stopped: {out.allowed} near-identical calls allowed, then paused "
+                      f"(loop_detected); spent {_exact(spent)} of {_exact(LOOP_BUDGET)}[/]")  # fmt: skip
+        return True
+    console.print(f"[bold red]loop detector NOT verified: {out.allowed} calls allowed, spent {_exact(spent)}; "
+                  "see ✘ above[/]")  # fmt: skip
+    return False
 
 
 async def run_demo(console: Console, budget: str, max_calls: int) -> int:

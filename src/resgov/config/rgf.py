@@ -332,10 +332,58 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
 
 
 def describe(policy: Policy) -> list[str]:
-    """Human-readable lines of what a policy enforces (for ``resgov check``)."""
-    from resgov.core.money import format_money
+    """Human-readable lines of what a policy enforces (for ``resgov check``).
+
+    Each agent and org also gets a ``guards`` line: the runaway-loop guards it sets, and
+    TOML-ready suggestions for the ones that are off (all are off unless configured).
+    """
+    from collections.abc import Mapping
+
+    from resgov.core.money import format_money, units_decimal
 
     cur = policy.global_.currency
+
+    def guards(limits: Limits, budgets: Mapping[Period, int], agent: bool) -> str:
+        on: list[str] = []
+        if limits.rpm:
+            on.append(f"rpm {limits.rpm}")
+        if limits.tpm:
+            on.append(f"tpm {limits.tpm}")
+        if limits.max_concurrent:
+            on.append(f"max_concurrent {limits.max_concurrent}")
+        if limits.loop_max_repeats:
+            on.append(f"loop after {limits.loop_max_repeats} repeats in {limits.loop_window_seconds:g}s "
+                      f"({limits.loop_match})")  # fmt: skip
+        if limits.max_spend_per_minute:
+            on.append(f"max {format_money(limits.max_spend_per_minute, cur)}/min")
+        if limits.spend_velocity_multiple:
+            on.append(f"velocity x{limits.spend_velocity_multiple:g} of its norm")
+        if limits.session_budget:
+            on.append(f"session budget {format_money(limits.session_budget, cur)}")
+        if limits.max_calls_per_session:
+            on.append(f"{limits.max_calls_per_session} calls/session")
+        tripped = limits.loop_max_repeats or limits.max_spend_per_minute or limits.spend_velocity_multiple
+        if tripped:
+            cooldown = limits.cooldown_seconds
+            on.append(f"paused {cooldown:g}s on a trip" if cooldown else "paused until resumed on a trip")
+        # Suggestions for what is off: a loop detector (ten near-identical calls in five minutes
+        # is a stuck agent, not a busy one), a velocity cap at 1/20 of the smallest budget (a
+        # burst cannot burn it in under 20 minutes), a generous rpm, and a cooldown that pauses
+        # long enough for a human to look.
+        hints: list[str] = []
+        if agent and not limits.loop_max_repeats:
+            hints += ["loop_max_repeats = 10", "loop_window_seconds = 300"]
+        if not limits.max_spend_per_minute and not limits.spend_velocity_multiple and budgets:
+            cap = -(-min(budgets.values()) // 20)
+            hints.append(f"max_spend_per_minute = {units_decimal(cap).normalize():f}")
+        if not limits.rpm:
+            hints.append("rpm = 60" if agent else "rpm = 600")
+        breaker_hinted = any(h.startswith(("loop_max_repeats", "max_spend_per_minute")) for h in hints)
+        if not limits.cooldown_seconds and (tripped or breaker_hinted):
+            hints.append("cooldown_seconds = 300")
+        text = "guards: " + (", ".join(on) if on else "off")
+        return text + (f" (suggested: {', '.join(hints)})" if hints else "")
+
     g = policy.global_
     out = [
         f"currency {cur}, timezone {g.timezone}, fail_safe_action={g.fail_safe_action}, "
@@ -348,6 +396,7 @@ def describe(policy: Policy) -> list[str]:
     for org_id, org in sorted(policy.orgs.items()):
         budgets = ", ".join(f"{k} {format_money(v, cur)}" for k, v in org.budgets.items()) or "no org budget"
         out.append(f"org {org_id}: {budgets}")
+        out.append(f"org {org_id} {guards(org.limits, org.budgets, False)}")
     for (org_id, agent_id), a in sorted(policy.agents.items()):
         budgets = ", ".join(f"{k} {format_money(v, cur)}" for k, v in a.budgets.items())
         if not budgets and not policy.orgs.get(org_id, OrgPolicy(org_id)).budgets:
@@ -358,4 +407,5 @@ def describe(policy: Policy) -> list[str]:
         out.append(
             f"agent {org_id}/{agent_id}: {budgets}; models: {models}; tools: {tools}; max_tokens {cap}"
         )
+        out.append(f"agent {org_id}/{agent_id} {guards(a.limits, a.budgets, True)}")
     return out

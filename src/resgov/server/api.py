@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -129,6 +129,32 @@ class AgentBudgets(BaseModel):
     allowed_models: list[str] | None
     allowed_tools: list[str] | None
     max_tokens_per_request: int | None
+
+
+class PauseView(BaseModel):
+    """A breaker's pause, as it was when lifted."""
+
+    reason: str
+    paused_at: str
+    paused_until: str | None
+    evidence: dict[str, Any]
+
+
+class ResumeResult(BaseModel):
+    """``POST /api/v1/admin/agents/{id}/resume``."""
+
+    agent_id: str
+    org_id: str
+    scope: str
+    #: False when nothing was paused (resuming is idempotent).
+    resumed: bool
+    was_paused: PauseView | None
+    #: The org-level breaker still pauses this agent (lift it with ``?scope=org``).
+    org_paused: bool
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Health(BaseModel):
@@ -261,6 +287,46 @@ def build_router() -> APIRouter:
             allowed_models=list(agent.allowed_models) if agent.allowed_models is not None else None,
             allowed_tools=list(agent.allowed_tools) if agent.allowed_tools is not None else None,
             max_tokens_per_request=agent.max_tokens_per_request,
+        )
+
+    @router.post(
+        "/api/v1/admin/agents/{agent_id}/resume",
+        response_model=ResumeResult,
+        dependencies=[Depends(admin_only)],
+        tags=["admin"],
+    )
+    async def resume_agent(
+        agent_id: str,
+        request: Request,
+        org_id: Annotated[str | None, Query()] = None,
+        scope: Annotated[Literal["agent", "org"], Query()] = "agent",
+    ) -> ResumeResult:
+        """Lift a tripped breaker (loop, spend velocity) before its cooldown, or when it has none.
+
+        ``scope=org`` lifts the org-level pause that covers this agent (and every agent of
+        its org). Resuming also forgets the scope's loop history and last minute's window, so
+        the agent starts afresh instead of tripping again on the evidence that paused it.
+        """
+        rt = runtime(request)
+        org = org_id or _only_org(rt, agent_id)
+        if org is None or (org, agent_id) not in rt.policy.agents:
+            raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
+        was = await rt.guard.resume(org, agent_id if scope == "agent" else None)
+        still = await rt.guard.pause_info(org, None) if scope == "agent" else None
+        return ResumeResult(
+            agent_id=agent_id,
+            org_id=org,
+            scope=scope,
+            resumed=was is not None,
+            was_paused=None
+            if was is None
+            else PauseView(
+                reason=was.reason,
+                paused_at=_iso(was.paused_at),
+                paused_until=_iso(was.paused_until) if was.paused_until is not None else None,
+                evidence=was.evidence,
+            ),
+            org_paused=still is not None,
         )
 
     @router.get("/v1/models", tags=["proxy"])

@@ -12,9 +12,11 @@ from resgov import __version__
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
 from resgov.ledger.store import Store
+from resgov.providers.anthropic import Messages
 from resgov.providers.embeddings import Embeddings
 from resgov.providers.openai import ChatCompletions
 from resgov.providers.responses import Responses
+from resgov.providers.translate import ChatToMessages, MessagesToChat
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
 from resgov.server.dashboard import build_dashboard_router
@@ -30,11 +32,16 @@ class ResGovApp:
     def __init__(self, runtime: Runtime, api: FastAPI) -> None:
         self.runtime = runtime
         self.api = api
-        chat = ProxyRoute(runtime, "/v1/chat/completions", "openai", {"openai": ChatCompletions()})
+        chat = ProxyRoute(
+            runtime, "/v1/chat/completions", "openai", {"openai": ChatCompletions(), "anthropic": ChatToMessages()}
+        )
+        messages = ProxyRoute(
+            runtime, "/v1/messages", "anthropic", {"anthropic": Messages(), "openai": MessagesToChat()}
+        )
         embeddings = ProxyRoute(runtime, "/v1/embeddings", "openai", {"openai": Embeddings()})
         responses = ProxyRoute(runtime, "/v1/responses", "openai", {"openai": Responses()})
         self.routes: dict[tuple[str, str], ProxyRoute] = {}
-        for route in (chat, embeddings, responses):
+        for route in (chat, messages, embeddings, responses):
             self.routes[("POST", route.route)] = route
             # Clients whose base URL has no /v1 (some SDK configurations) reach the same route.
             self.routes[("POST", route.route.removeprefix("/v1"))] = route

@@ -30,8 +30,9 @@ from resgov.core.errors import (
     UpstreamFailure,
 )
 from resgov.core.money import NANO, format_money, to_units
-from resgov.core.policy import AgentPolicy, Policy, ProviderPolicy
+from resgov.core.policy import AgentPolicy, OrgPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
+from resgov.guard import CallContext, GuardRefusal, Ticket
 from resgov.ledger.store import (
     AuditEntry,
     AuditStatus,
@@ -147,6 +148,8 @@ class Settler:
     outcome: SettleOutcome | None = None
     usage: Usage | None = None
     headers: Headers = field(default_factory=list)
+    #: The guard's admission of this call (None when no guard applies to the agent or its org).
+    ticket: Ticket | None = None
 
     async def settle(
         self,
@@ -174,8 +177,20 @@ class Settler:
             durable=self.plan.policy.global_.on_expired_reservation == "release",
         )
         self.usage = usage
-        self.outcome = await self.rt.shielded(lambda: self.rt.store.settle(request))
+        self.outcome = await self.rt.shielded(lambda: self._settle_all(request, kind, usage))
         return self.outcome
+
+    async def _settle_all(
+        self, request: SettleRequest, kind: SettleKind, usage: Usage | None
+    ) -> SettleOutcome:
+        outcome = await self.rt.store.settle(request)
+        if self.ticket is not None:
+            # Before the response's last byte: a client that sends its next call at once must
+            # find its concurrency slot free and its token window holding the actual tokens.
+            # No usage: a released call produced nothing; an estimated one keeps its bound.
+            tokens = usage.total_input + usage.total_output if usage else (0 if kind == "release" else None)
+            await self.rt.guard.settled(self.ticket, tokens=tokens, cost=outcome.charged)
+        return outcome
 
 
 class ProxyRoute:
@@ -203,6 +218,7 @@ class ProxyRoute:
         org: str | None = None
         agent_id = ""
         model = ""
+        ticket: Ticket | None = None
         try:
             record = await rt.keys.authenticate(key_from_headers(headers), "proxy")
             org = record.org
@@ -215,6 +231,10 @@ class ProxyRoute:
             agent = policy.agent(org, agent_id)
             plan = self._plan(policy, agent, req, raw)
             rid = request_id
+            org_policy = policy.orgs.get(org)
+            # The hot path stays free of guard work unless the agent or its org sets a guard.
+            if agent.limits.any or (org_policy is not None and org_policy.limits.any):
+                ticket = await rt.guard.admit(self._guard_context(plan, rid, org_policy, headers))
             audit = AuditEntry(
                 request_id=rid,
                 org=org,
@@ -224,7 +244,13 @@ class ProxyRoute:
                 provider=plan.provider.name,
                 started_at=started,
             )
-            states = await self._reserve(plan, rid, audit)
+            try:
+                states = await self._reserve(plan, rid, audit)
+            except BaseException:
+                if ticket is not None:
+                    # Refused by the budget (or the store): the call never goes upstream.
+                    await rt.shielded(lambda: rt.guard.release(ticket))
+                raise
         except ClientGone:
             return
         except ResGovError as err:
@@ -245,11 +271,13 @@ class ProxyRoute:
                             http_status=err.status,
                             started_at=started,
                             finished_at=time.time(),
+                            # A guard's evidence (count, window, rate…), above all for breaker trips.
+                            detail=err.detail if isinstance(err, GuardRefusal) else None,
                         )
                     )
             await send_error(send, err, base_headers, self.client_format)
             return
-        settler = Settler(rt, rid, plan)
+        settler = Settler(rt, rid, plan, ticket=ticket)
         rt.inflight[rid] = time.monotonic()
         try:
             if plan.req.stream:
@@ -262,6 +290,9 @@ class ProxyRoute:
                 # Cancelled or failed mid-call: the upstream may have billed, so charge a
                 # bound (never more than reserved), flagged estimated.
                 await settler.settle("estimated", plan.amount, "estimated", reason="interrupted")
+            if ticket is not None and not ticket.done:
+                # The settlement failed (store outage): still free the guard's slot, at the bound.
+                await rt.shielded(lambda: rt.guard.settled(ticket, tokens=None, cost=plan.amount))
 
     # -- before the upstream ---------------------------------------------------------------------
 
@@ -290,6 +321,10 @@ class ProxyRoute:
                 f"format; {self.route} cannot be served by it.",
                 reason="provider_format_unsupported",
             )
+        if adapter is not self.parser:
+            # A translating adapter refuses what it cannot translate (422) and bounds the
+            # request as the provider will receive it, all before anything is reserved.
+            req = adapter.parse(raw)
         price = policy.prices.lookup(req.model, provider.name, upstream_model, provider.base_url)
         if price is None:
             raise Forbidden(
@@ -314,6 +349,27 @@ class ProxyRoute:
         lines = policy.budget_lines(agent, datetime.now(UTC))
         return Plan(
             policy, agent, req, adapter, provider, upstream_model, price, inb.tokens, cap, amount, lines
+        )
+
+    @staticmethod
+    def _guard_context(
+        plan: Plan, rid: str, org_policy: OrgPolicy | None, headers: dict[bytes, bytes]
+    ) -> CallContext:
+        req = plan.req
+        output = (plan.cap + req.extra_output_tokens) * req.n if req.has_output else 0
+        session = headers.get(b"x-resgov-session-id")
+        g = plan.policy.global_
+        return CallContext(
+            request_id=rid,
+            agent=plan.agent,
+            org=org_policy,
+            model=req.model,
+            body=req.body,
+            tokens=plan.input_tokens + output,
+            amount=plan.amount,
+            session_id=session.decode("latin-1").strip() if session is not None else None,
+            currency=g.currency,
+            fail_safe_action=g.fail_safe_action,
         )
 
     async def _reserve(self, plan: Plan, rid: str, audit: AuditEntry) -> dict[str, LineState]:

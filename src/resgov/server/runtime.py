@@ -20,6 +20,7 @@ import aiohttp
 from resgov.config.rgf import PolicyError, load_policy
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy, ProviderPolicy
+from resgov.guard import Guard, state_for_url
 from resgov.ledger.store import Store
 from resgov.server.auth import KeyCache
 
@@ -76,6 +77,9 @@ class Runtime:
     store: Store
     policies: PolicyHolder
     keys: KeyCache = field(init=False)
+    #: Rate limits, loop and velocity breakers, sessions: in-process state beside a SQLite
+    #: ledger, shared Redis state (one limit for every instance) beside a Redis ledger.
+    guard: Guard = field(init=False)
     session: aiohttp.ClientSession | None = None
     #: reservation id -> monotonic start time, for every call in flight (their leases are renewed).
     inflight: dict[str, float] = field(default_factory=dict)
@@ -86,6 +90,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
+        self.guard = Guard(state_for_url(self.settings.store_url))
 
     @staticmethod
     def provider_key(provider: ProviderPolicy) -> str | None:
@@ -100,6 +105,7 @@ class Runtime:
     async def start(self) -> None:
         """Open the store and the upstream pool, start the sweeper and the policy watcher."""
         await self.store.open()
+        await self.guard.start()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
@@ -127,6 +133,7 @@ class Runtime:
                 await task
         if self.session is not None:
             await self.session.close()
+        await self.guard.stop()
         await self.store.close()
 
     async def sweep_once(self) -> int:
