@@ -8,8 +8,8 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from resgov.core.errors import BadRequest, Forbidden, Unauthorized
-from resgov.ledger.store import ApiKeyRecord, Store
+from resgov.core.errors import BadRequest, Forbidden, StoreUnavailable, Unauthorized
+from resgov.ledger.store import ApiKeyRecord, Store, StoreError
 
 SCOPES = ("proxy", "read", "write")
 KEY_PREFIX = "rgf_"
@@ -92,10 +92,21 @@ class KeyCache:
         if cached is not None and cached[0] > now:
             record = cached[1]
         else:
-            record = await self.store.get_api_key(digest)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now + self.ttl, record)
+            try:
+                record = await self.store.get_api_key(digest)
+            except StoreError as exc:
+                if cached is None:
+                    raise StoreUnavailable(
+                        "The key store is unavailable; the call was not sent upstream.",
+                        reason="store_unavailable",
+                    ) from exc
+                # A key seen recently keeps working through a store outage; what the call
+                # may spend is still decided by fail_safe_action.
+                record = cached[1]
+            else:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[digest] = (now + self.ttl, record)
         if record is None:
             raise Unauthorized("Invalid API key.", reason="invalid_api_key")
         if record.revoked_at is not None:
