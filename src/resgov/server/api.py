@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from resgov import __version__
 from resgov.config.rgf import NAME_RE
-from resgov.core.errors import InvalidValue, NotFound, ResGovError, Unauthorized
+from resgov.core.errors import InvalidValue, NotFound, ResGovError, StoreUnavailable, Unauthorized
 from resgov.core.money import to_units
-from resgov.ledger.store import ApiKeyRecord, AuditQuery
+from resgov.ledger.store import ApiKeyRecord, AuditQuery, StoreError
 from resgov.server.auth import SCOPES, admin_token_matches, agent_for, key_from_headers, new_key
 from resgov.server.runtime import Runtime
 
@@ -404,6 +404,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ResGovError)
     async def _resgov(_: Request, exc: ResGovError) -> Response:
         return json({"error": exc.body()}, exc.status, exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> Response:
+        err = StoreUnavailable("The ledger is unavailable; try again shortly.", reason="store_unavailable")
+        return json({"error": err.body()}, err.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
