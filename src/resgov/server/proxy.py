@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -211,7 +210,7 @@ class ProxyRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.rt
-        request_id = "rgr_" + uuid.uuid4().hex
+        request_id = rt.new_request_id()
         started = time.time()
         base_headers: Headers = [(b"x-resgov-request-id", request_id.encode())]
         headers: dict[bytes, bytes] = dict(scope["headers"])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -90,7 +92,15 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
+        # Request ids: a random per-process prefix and a counter. uuid4 per call read
+        # os.urandom, which releases the GIL to the writer thread: measurable at load.
+        self._id_prefix = "rgr_" + secrets.token_hex(8)
+        self._ids = itertools.count(1)
         self.guard = Guard(state_for_url(self.settings.store_url))
+
+    def new_request_id(self) -> str:
+        """A request id unique across processes and restarts (random prefix) and cheap to make."""
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     @staticmethod
     def provider_key(provider: ProviderPolicy) -> str | None:
