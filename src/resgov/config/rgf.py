@@ -61,6 +61,7 @@ class GlobalSection(_Section):
     on_expired_reservation: Literal["charge", "release"] = "charge"
     default_max_tokens: int = Field(4096, ge=1, le=10_000_000)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    audit_retention_days: float | None = Field(None, gt=0, le=36_500)
 
     @field_validator("timezone")
     @classmethod
@@ -325,6 +326,7 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
         on_expired_reservation=g.on_expired_reservation,
         default_max_tokens=g.default_max_tokens,
         max_request_bytes=g.max_request_bytes,
+        audit_retention_days=g.audit_retention_days,
     )
     return Policy(
         global_=global_, providers=providers, agents=agents, orgs=orgs, prices=prices, source=source

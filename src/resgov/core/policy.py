@@ -119,6 +119,7 @@ class GlobalPolicy:
     on_expired_reservation: Literal["charge", "release"] = "charge"
     default_max_tokens: int = 4096
     max_request_bytes: int = 32 * 1024 * 1024
+    audit_retention_days: float | None = None
 
 
 def _window_floor(lines: tuple[BudgetLine, ...]) -> float:

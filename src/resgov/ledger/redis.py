@@ -82,6 +82,8 @@ from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
     AuditQuery,
+    GovRecord,
+    IdemClaim,
     LedgerTotals,
     ReserveOutcome,
     ReserveRequest,
@@ -139,7 +141,8 @@ _SETTLE = _script("settle", redis_scripts.SETTLE)
 _RENEW = _script("renew", redis_scripts.RENEW)
 _EXPIRED = _script("expired", redis_scripts.EXPIRED)
 _RECORD = _script("record", redis_scripts.RECORD)
-_SCRIPTS = (_RESERVE, _SETTLE, _RENEW, _EXPIRED, _RECORD)
+_BOOK = _script("book", redis_scripts.BOOK)
+_SCRIPTS = (_RESERVE, _SETTLE, _RENEW, _EXPIRED, _RECORD, _BOOK)
 
 
 def split_url(url: str, prefix: str | None = None) -> tuple[str, str]:
@@ -668,6 +671,21 @@ class RedisStore:
             ])  # fmt: skip
             self._known_orgs.add(org)
 
+    async def book_unreserved(self, entry: AuditEntry, line_keys: Sequence[str]) -> bool:
+        """Charge a call that ran unreserved to its lines (no limit check) with its audit record, once."""
+        org = entry.org
+        amount = _int64(entry.actual, "actual")
+        short = list(dict.fromkeys(line_keys))
+        keys = [self._audit_key(org, entry.request_id), self._auditlog(org), self._auditlog(org, entry.agent),
+                self._seq(org), *(self._line(org, k) for k in short)]  # fmt: skip
+        with self._errors("book_unreserved"):
+            results = await self._execute([
+                *self._org_commands(org),
+                self._eval(_BOOK, keys, [entry.request_id, amount, _audit_json(entry)]),
+            ])  # fmt: skip
+            self._known_orgs.add(org)
+        return int(results[-1]) == 1
+
     async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
         """Current committed and reserved spend of lines (missing lines are empty)."""
         with self._errors("line_states"):
@@ -813,3 +831,218 @@ class RedisStore:
                 [("HSETNX", self._api_key(key_hash), "revoked_at", repr(time.time()))]
             )
         return bool(changed)
+
+    # -- governance (issue 5) --------------------------------------------------------------------
+    #
+    #   {P:org}:gov              hash    "<kind>\x1f<key>" -> JSON {"data", "updated_at"}
+    #   {P:org}:idem:<sha256>    hash    one idempotency key of POST /api/v1/book (PEXPIRE = kept time)
+    #   P:govorgs                set     orgs with governance records
+    #   P:govver                 string  the governance version, INCR'd after every change
+    #
+    # The version is bumped after the record is written (same pipeline, same connection, so in
+    # that order): an instance that reads the version first and the records second may load a
+    # newer record than its version says, never an older one, and reloads at its next poll.
+
+    def _gov(self, org: str) -> str:
+        return f"{self._tag(org)}:gov"
+
+    def _idem(self, org: str, key: str) -> str:
+        return f"{self._tag(org)}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def _gov_orgs(self) -> str:
+        return f"{self.prefix}:govorgs"
+
+    @property
+    def _gov_ver(self) -> str:
+        return f"{self.prefix}:govver"
+
+    async def gov_load(self) -> tuple[int, list[GovRecord]]:
+        """The version, then every org's governance hash."""
+        with self._errors("gov_load"):
+            version, members = await self._execute([("GET", self._gov_ver), ("SMEMBERS", self._gov_orgs)])
+            orgs = sorted(str(m) for m in members)
+            hashes = await self._execute([("HGETALL", self._gov(org)) for org in orgs])
+        records: list[GovRecord] = []
+        for org, h in zip(orgs, hashes, strict=True):
+            for name, value in h.items():
+                kind, _, key = str(name).partition(_SEP)
+                doc = orjson.loads(value)
+                records.append(
+                    GovRecord(org, kind, key, doc.get("data", {}), float(doc.get("updated_at", 0)))
+                )
+        return int(version or 0), records
+
+    async def gov_version(self) -> int:
+        """One GET: what every instance polls."""
+        with self._errors("gov_version"):
+            (version,) = await self._execute([("GET", self._gov_ver)])
+        return int(version or 0)
+
+    async def gov_put(self, record: GovRecord, *, if_absent: bool = False) -> bool:
+        """HSET (or HSETNX) the record, then bump the version."""
+        field_name = f"{record.kind}{_SEP}{record.key}"
+        value = orjson.dumps({"data": dict(record.data), "updated_at": record.updated_at or time.time()})
+        with self._errors("gov_put"):
+            verb = "HSETNX" if if_absent else "HSET"
+            written, _ = await self._execute(
+                [(verb, self._gov(record.org), field_name, value), ("SADD", self._gov_orgs, record.org)]
+            )
+            if if_absent and not written:
+                return False
+            await self._execute([("INCR", self._gov_ver)])
+        return True
+
+    async def gov_delete(self, org: str, kind: str, key: str) -> bool:
+        """HDEL the record, then bump the version."""
+        with self._errors("gov_delete"):
+            (deleted,) = await self._execute([("HDEL", self._gov(org), f"{kind}{_SEP}{key}")])
+            if deleted:
+                await self._execute([("INCR", self._gov_ver)])
+        return bool(deleted)
+
+    async def idem_claim(
+        self, org: str, key: str, fingerprint: str, owner: str, lease_seconds: float, keep_seconds: float
+    ) -> IdemClaim:
+        """One script: check and claim atomically, judged by Redis TIME."""
+        lease_ms, keep_ms = max(1, math.ceil(lease_seconds * 1000)), max(1, math.ceil(keep_seconds * 1000))
+        with self._errors("idem_claim"):
+            (reply,) = await self._execute([(
+                "EVAL", redis_scripts.IDEM_CLAIM, 1, self._idem(org, key), fingerprint, owner, lease_ms, keep_ms,
+            )])  # fmt: skip
+        state = str(reply[0])
+        if state == "claimed":
+            return IdemClaim("claimed", previous_owner=str(reply[1]) or None)
+        if state == "done":
+            return IdemClaim("done", status=int(reply[1]), body=str(reply[2]))
+        return IdemClaim("mismatch" if state == "mismatch" else "in_flight")
+
+    async def idem_complete(
+        self, org: str, key: str, owner: str, status: int, body: str, keep_seconds: float
+    ) -> bool:
+        """Store the answer if ``owner`` still holds the key."""
+        keep_ms = max(1, math.ceil(keep_seconds * 1000))
+        with self._errors("idem_complete"):
+            (done,) = await self._execute(
+                [("EVAL", redis_scripts.IDEM_COMPLETE, 1, self._idem(org, key), owner, status, body, keep_ms)]
+            )
+        return bool(done)
+
+    async def idem_release(self, org: str, key: str, owner: str) -> bool:
+        """Drop an unanswered claim held by ``owner``."""
+        with self._errors("idem_release"):
+            (done,) = await self._execute(
+                [("EVAL", redis_scripts.IDEM_RELEASE, 1, self._idem(org, key), owner)]
+            )
+        return bool(done)
+
+    async def get_audit(self, org: str, request_id: str) -> AuditEntry | None:
+        """One record of ``org`` (its key is under the org's tag: another org's id finds nothing)."""
+        with self._errors("get_audit"):
+            (h,) = await self._execute([("HGETALL", self._audit_key(org, request_id))])
+        return _audit_from_hash(h) if h and "entry" in h else None
+
+    async def _audit_org_desc(
+        self, org: str, query: AuditQuery, before_seq: int | None, want: int
+    ) -> list[tuple[int, str, AuditEntry]]:
+        index = self._auditlog(org, query.agent)
+        high = f"({before_seq}" if before_seq is not None else "+inf"
+        low = f"({query.after_seq}"
+        out: list[tuple[int, str, AuditEntry]] = []
+        for _ in range(_AUDIT_MAX_PAGES):
+            (raw,) = await self._execute(
+                [("ZREVRANGEBYSCORE", index, high, low, "WITHSCORES", "LIMIT", 0, _AUDIT_CHUNK)]
+            )
+            pairs = _score_pairs(raw)
+            if not pairs:
+                break
+            hashes = await self._execute([("HGETALL", self._audit_key(org, rid)) for rid, _ in pairs])
+            for (_, seq), h in zip(pairs, hashes, strict=True):
+                if "entry" not in h:
+                    continue
+                entry = _audit_from_hash(h)
+                if query.status is not None and entry.status != query.status:
+                    continue
+                if query.since is not None and entry.started_at < query.since:
+                    continue
+                if query.until is not None and entry.started_at >= query.until:
+                    continue
+                out.append((seq, org, entry))
+                if len(out) >= want:
+                    return out
+            if len(pairs) < _AUDIT_CHUNK:
+                break
+            high = f"({pairs[-1][1]}"
+        return out
+
+    async def audit_desc(self, query: AuditQuery, before_seq: int | None) -> list[tuple[int, AuditEntry]]:
+        """Newest first; ``org=None`` merges every org by sequence, like :meth:`audit`, reversed."""
+        if query.limit <= 0:
+            return []
+        with self._errors("audit_desc"):
+            orgs = [query.org] if query.org is not None else await self._orgs_list()
+            per_org = await asyncio.gather(
+                *(self._audit_org_desc(org, query, before_seq, query.limit + 1) for org in orgs)
+            )
+        merged = list(heapq.merge(*per_org, key=lambda row: (row[0], row[1]), reverse=True))
+        page = merged[: query.limit]
+        if len(merged) > query.limit and page and merged[query.limit][0] == page[-1][0]:
+            # A cross-org tie at the cut: end before it so ``before_seq`` cannot skip its other half.
+            tied = page[-1][0]
+            page = [row for row in page if row[0] != tied] or page
+        return [(seq, entry) for seq, _, entry in page]
+
+    async def purge_audit(self, org: str | None, before: float) -> int:
+        """Delete old finished records of one org (or all): the hash and both log entries.
+
+        Sequences are the Redis clock in µs when the record was written (see the module notes),
+        so the candidates are the log entries scored below ``before``; each is checked (finished,
+        started before ``before``) before it is deleted. A purge is idempotent and may stop anywhere.
+        """
+        cutoff = f"({math.floor(before * 1_000_000)}"
+        total = 0
+        with self._errors("purge_audit"):
+            orgs = [org] if org is not None else await self._orgs_list()
+            for name in orgs:
+                low = "-inf"
+                for _ in range(_AUDIT_MAX_PAGES):
+                    (raw,) = await self._execute(
+                        [
+                            (
+                                "ZRANGEBYSCORE",
+                                self._auditlog(name),
+                                low,
+                                cutoff,
+                                "WITHSCORES",
+                                "LIMIT",
+                                0,
+                                _AUDIT_CHUNK,
+                            )
+                        ]
+                    )
+                    pairs = _score_pairs(raw)
+                    if not pairs:
+                        break
+                    hashes = await self._execute(
+                        [("HGETALL", self._audit_key(name, rid)) for rid, _ in pairs]
+                    )
+                    commands: list[Command] = []
+                    for (rid, _), h in zip(pairs, hashes, strict=True):
+                        if "entry" not in h:
+                            commands.append(("ZREM", self._auditlog(name), rid))  # a dangling log entry
+                            continue
+                        entry = _audit_from_hash(h)
+                        if entry.status == "in_flight" or entry.started_at >= before:
+                            continue
+                        commands += [
+                            ("DEL", self._audit_key(name, rid)),
+                            ("ZREM", self._auditlog(name), rid),
+                            ("ZREM", self._auditlog(name, entry.agent), rid),
+                        ]
+                        total += 1
+                    if commands:
+                        await self._execute(commands)
+                    if len(pairs) < _AUDIT_CHUNK:
+                        break
+                    low = f"({pairs[-1][1]}"
+        return total

@@ -1,4 +1,4 @@
-"""Lua sources of the Redis ledger's atomic steps (reserve, settle, renew, expired, record).
+"""Lua sources of the Redis ledger's atomic steps (reserve, settle, renew, expired, record, book).
 
 Rules every script follows, so the ledger is correct on Redis, Redis Cluster, Valkey and Dragonfly:
 
@@ -257,4 +257,70 @@ return 1
 """
 )
 
-ALL = {"reserve": RESERVE, "settle": SETTLE, "renew": RENEW, "expired": EXPIRED, "record": RECORD}
+#: Book a call that ran with no reservation (fail-open, see ledger/journal.py): charge every line
+#: with no limit check and write its audit record, once per request id.
+#:
+#: KEYS: 1 audit record hash, 2 org audit log zset, 3 agent audit log zset, 4 org sequence,
+#:       5.. one hash per budget line. ARGV: 1 request id, 2 amount, 3 the audit record (JSON).
+#: Returns 1 booked, or 0 if the request id already has an audit record (nothing written).
+BOOK = (
+    PRELUDE
+    + r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[2] ~= '0' then
+  for i = 5, #KEYS do redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2]) end
+end
+local _, now_us = now()
+local seq = fmt(next_seq(KEYS[4], now_us))
+redis.call('HSET', KEYS[1], 'entry', ARGV[3], 'seq', seq)
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+return 1
+"""
+)
+
+ALL = {
+    "reserve": RESERVE, "settle": SETTLE, "renew": RENEW, "expired": EXPIRED, "record": RECORD, "book": BOOK,
+}  # fmt: skip
+
+# --- governance (issue 5): idempotency keys of POST /api/v1/book --------------------------------
+# These run with EVAL (not EVALSHA): they are off the LLM hot path, and EVAL cannot meet NOSCRIPT.
+
+#: Claim an idempotency key. KEYS: 1 the key's hash. ARGV: 1 fingerprint, 2 owner, 3 lease ms,
+#: 4 keep ms. Returns {'claimed', previous owner or ''}, {'mismatch'}, {'done', status, body} or
+#: {'in_flight'}. A claim whose lease ran out (its process died) is taken over, naming the old owner.
+IDEM_CLAIM = (
+    PRELUDE
+    + r"""
+local now_ms = now()
+local h = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'state', 'lease', 'status', 'body')
+if not h[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'owner', ARGV[2], 'state', 'in_flight',
+             'lease', fmt(now_ms + tonumber(ARGV[3])))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return {'claimed', ''}
+end
+if h[1] ~= ARGV[1] then return {'mismatch'} end
+if h[3] == 'done' then return {'done', h[5], h[6]} end
+if tonumber(h[4]) > now_ms then return {'in_flight'} end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'lease', fmt(now_ms + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'claimed', h[2]}
+"""
+)
+
+#: Store the answer of a claimed key. KEYS: 1 the key's hash. ARGV: 1 owner, 2 status, 3 body, 4 keep ms.
+#: Returns 1, or 0 when ``owner`` no longer holds the key.
+IDEM_COMPLETE = r"""
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+#: Forget an unanswered claim. KEYS: 1 the key's hash. ARGV: 1 owner. Returns 1 if deleted.
+IDEM_RELEASE = r"""
+local h = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if h[1] ~= ARGV[1] or h[2] ~= 'in_flight' then return 0 end
+return redis.call('DEL', KEYS[1])
+"""

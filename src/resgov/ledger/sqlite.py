@@ -33,6 +33,8 @@ from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
     AuditQuery,
+    GovRecord,
+    IdemClaim,
     LedgerTotals,
     ReserveOutcome,
     ReserveRequest,
@@ -75,6 +77,17 @@ CREATE TABLE IF NOT EXISTS api_key (
 );
 CREATE INDEX IF NOT EXISTS api_key_org ON api_key (org);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS governance (
+    org TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (org, kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    org TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,
+    status INTEGER, body TEXT, lease_until REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (org, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
+CREATE INDEX IF NOT EXISTS audit_started ON audit (started_at);
 """
 
 AUDIT_COLUMNS = (
@@ -498,6 +511,25 @@ class SQLiteStore:
             )
         )
 
+    async def book_unreserved(self, entry: AuditEntry, line_keys: Sequence[str]) -> bool:
+        """Charge a call that ran unreserved to its lines (no limit check) with its audit record, once."""
+        row = _audit_row(entry)
+        keys = list(dict.fromkeys(line_keys))
+
+        def op(conn: sqlite3.Connection, _now: float) -> bool:
+            if conn.execute("SELECT 1 FROM audit WHERE request_id = ?", (entry.request_id,)).fetchone():
+                return False
+            for key in keys:
+                conn.execute(
+                    "INSERT INTO budget_line (org, key, spent, reserved) VALUES (?, ?, ?, 0) "
+                    "ON CONFLICT (org, key) DO UPDATE SET spent = spent + excluded.spent",
+                    (entry.org, key, entry.actual),
+                )
+            conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row)
+            return True
+
+        return await self._write(op, durable=True)
+
     async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
         """Read committed and reserved spend of lines."""
         return await self._read(lambda c: self._states(c, org, keys))
@@ -620,3 +652,183 @@ class SQLiteStore:
             return cur.rowcount > 0
 
         return await self._write(op, durable=True)
+
+    # -- governance (issue 5) --------------------------------------------------------------------
+
+    @staticmethod
+    def _bump_gov(conn: sqlite3.Connection) -> None:
+        """Advance the governance version in the same transaction as the change it announces."""
+        conn.execute(
+            "INSERT INTO meta (k, v) VALUES ('gov_version', '1') "
+            "ON CONFLICT (k) DO UPDATE SET v = CAST(CAST(v AS INTEGER) + 1 AS TEXT)"
+        )
+
+    @staticmethod
+    def _gov_version_in(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT v FROM meta WHERE k = 'gov_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    async def gov_load(self) -> tuple[int, list[GovRecord]]:
+        """Version and records in one read transaction (a consistent snapshot under WAL)."""
+
+        def run(c: sqlite3.Connection) -> tuple[int, list[GovRecord]]:
+            c.execute("BEGIN")
+            try:
+                version = self._gov_version_in(c)
+                rows = c.execute("SELECT org, kind, key, data, updated_at FROM governance").fetchall()
+            finally:
+                c.execute("COMMIT")
+            return version, [GovRecord(o, k, key, json.loads(d), u) for o, k, key, d, u in rows]
+
+        return await self._read(run)
+
+    async def gov_version(self) -> int:
+        """The governance version (a CLI writing beside the server bumps it too)."""
+        return await self._read(self._gov_version_in)
+
+    async def gov_put(self, record: GovRecord, *, if_absent: bool = False) -> bool:
+        """Insert or replace a record durably; with ``if_absent`` an existing one wins."""
+        data = json.dumps(dict(record.data), separators=(",", ":"), sort_keys=True)
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            verb = "INSERT OR IGNORE" if if_absent else "INSERT OR REPLACE"
+            cur = conn.execute(
+                f"{verb} INTO governance (org, kind, key, data, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (record.org, record.kind, record.key, data, record.updated_at or now),
+            )
+            if cur.rowcount > 0:
+                self._bump_gov(conn)
+            return cur.rowcount > 0
+
+        return await self._write(op, durable=True)
+
+    async def gov_delete(self, org: str, kind: str, key: str) -> bool:
+        """Delete one record durably."""
+
+        def op(conn: sqlite3.Connection, _now: float) -> bool:
+            cur = conn.execute(
+                "DELETE FROM governance WHERE org = ? AND kind = ? AND key = ?", (org, kind, key)
+            )
+            if cur.rowcount > 0:
+                self._bump_gov(conn)
+            return cur.rowcount > 0
+
+        return await self._write(op, durable=True)
+
+    async def idem_claim(
+        self, org: str, key: str, fingerprint: str, owner: str, lease_seconds: float, keep_seconds: float
+    ) -> IdemClaim:
+        """Claim, in the writer's transaction (so two claims of one key are strictly ordered)."""
+
+        def op(conn: sqlite3.Connection, now: float) -> IdemClaim:
+            row = conn.execute(
+                "SELECT fingerprint, owner, state, status, body, lease_until, expires_at FROM idempotency "
+                "WHERE org = ? AND key = ?",
+                (org, key),
+            ).fetchone()
+            if row is not None and row[6] <= now:
+                row = None  # kept long enough: the key is free again
+            if row is None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (org, key, fingerprint, owner, state, status, body, "
+                    "lease_until, expires_at) VALUES (?, ?, ?, ?, 'in_flight', NULL, NULL, ?, ?)",
+                    (org, key, fingerprint, owner, now + lease_seconds, now + keep_seconds),
+                )
+                # Opportunistic clean-up of expired keys, bounded so a claim stays cheap.
+                conn.execute(
+                    "DELETE FROM idempotency WHERE rowid IN "
+                    "(SELECT rowid FROM idempotency WHERE expires_at <= ? LIMIT 100)",
+                    (now,),
+                )
+                return IdemClaim("claimed")
+            fp, previous, state, status, body, lease_until, _ = row
+            if fp != fingerprint:
+                return IdemClaim("mismatch")
+            if state == "done":
+                return IdemClaim("done", status=status, body=body)
+            if lease_until > now:
+                return IdemClaim("in_flight")
+            conn.execute(
+                "UPDATE idempotency SET owner = ?, lease_until = ?, expires_at = ? WHERE org = ? AND key = ?",
+                (owner, now + lease_seconds, now + keep_seconds, org, key),
+            )
+            return IdemClaim("claimed", previous_owner=previous)
+
+        return await self._write(op, durable=True)
+
+    async def idem_complete(
+        self, org: str, key: str, owner: str, status: int, body: str, keep_seconds: float
+    ) -> bool:
+        """Record the answer if ``owner`` still holds the key."""
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            cur = conn.execute(
+                "UPDATE idempotency SET state = 'done', status = ?, body = ?, expires_at = ? "
+                "WHERE org = ? AND key = ? AND owner = ?",
+                (status, body, now + keep_seconds, org, key, owner),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(op, durable=True)
+
+    async def idem_release(self, org: str, key: str, owner: str) -> bool:
+        """Drop a claim held by ``owner`` that has no answer."""
+
+        def op(conn: sqlite3.Connection, _now: float) -> bool:
+            cur = conn.execute(
+                "DELETE FROM idempotency WHERE org = ? AND key = ? AND owner = ? AND state = 'in_flight'",
+                (org, key, owner),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(op, durable=True)
+
+    async def get_audit(self, org: str, request_id: str) -> AuditEntry | None:
+        """One record by request id, only within ``org``."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE request_id = ? AND org = ?", (request_id, org)
+            ).fetchone()
+        )
+        return _audit_from_row(row) if row else None
+
+    async def audit_desc(self, query: AuditQuery, before_seq: int | None) -> list[tuple[int, AuditEntry]]:
+        """Newest first, below ``before_seq``, filtered like :meth:`audit`."""
+        sql = f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE seq > ?"
+        args: list[Any] = [query.after_seq]
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
+        for column, value in (("org", query.org), ("agent", query.agent), ("status", query.status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if query.since is not None:
+            sql += " AND started_at >= ?"
+            args.append(query.since)
+        if query.until is not None:
+            sql += " AND started_at < ?"
+            args.append(query.until)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(query.limit)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return [(row[0], _audit_from_row(row[1:])) for row in rows]
+
+    async def purge_audit(self, org: str | None, before: float) -> int:
+        """Delete old finished records in bounded chunks (one long delete would stall the writer)."""
+        total = 0
+        while True:
+
+            def op(conn: sqlite3.Connection, _now: float) -> int:
+                sql = "SELECT seq FROM audit WHERE started_at < ? AND status != 'in_flight'"
+                args: list[Any] = [before]
+                if org is not None:
+                    sql += " AND org = ?"
+                    args.append(org)
+                cur = conn.execute(f"DELETE FROM audit WHERE seq IN ({sql} LIMIT 2000)", args)
+                return cur.rowcount
+
+            deleted = await self._write(op)
+            total += deleted
+            if deleted < 2000:
+                return total

@@ -172,6 +172,15 @@ class Store(Protocol):
     async def record(self, entry: AuditEntry) -> None:
         """Write the audit entry of a request that reserved nothing (refusals, rejections)."""
 
+    async def book_unreserved(self, entry: AuditEntry, line_keys: Sequence[str]) -> bool:
+        """Charge ``entry.actual`` to ``line_keys`` of ``entry.org`` and write ``entry``, atomically, once.
+
+        For calls that ran with no reservation (``fail_safe_action = "allow"`` while the store was
+        unreachable; see ledger/journal.py): no limit is checked, the spend is booked even above
+        a budget. Idempotent by ``entry.request_id``: if an audit record with that id already
+        exists nothing is written and the answer is False.
+        """
+
     async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
         """Current committed and reserved spend of ledger lines."""
 
@@ -192,3 +201,66 @@ class Store(Protocol):
 
     async def revoke_api_key(self, org: str | None, key_id: str) -> bool:
         """Revoke a key of ``org`` (any org for the admin); False if there is none."""
+
+    # -- governance (issue 5): API-registered orgs/agents, budget settings, idempotency, retention --
+
+    async def gov_load(self) -> tuple[int, list[GovRecord]]:
+        """The governance version and every governance record (read the version first: never stale)."""
+
+    async def gov_version(self) -> int:
+        """The governance version: it grows with every governance write (instances poll it)."""
+
+    async def gov_put(self, record: GovRecord, *, if_absent: bool = False) -> bool:
+        """Write a governance record (False, nothing written, when ``if_absent`` and it exists)."""
+
+    async def gov_delete(self, org: str, kind: str, key: str) -> bool:
+        """Delete a governance record; False if there was none."""
+
+    async def idem_claim(
+        self, org: str, key: str, fingerprint: str, owner: str, lease_seconds: float, keep_seconds: float
+    ) -> IdemClaim:
+        """Claim an idempotency key for ``owner`` atomically, or say why not (see :class:`IdemClaim`)."""
+
+    async def idem_complete(
+        self, org: str, key: str, owner: str, status: int, body: str, keep_seconds: float
+    ) -> bool:
+        """Store the answer of a claimed key (only its current owner may); kept ``keep_seconds``."""
+
+    async def idem_release(self, org: str, key: str, owner: str) -> bool:
+        """Forget a claim that produced no answer to keep (a failure a retry may redo)."""
+
+    async def get_audit(self, org: str, request_id: str) -> AuditEntry | None:
+        """One audit record of ``org`` by request id (bookings are found this way), or None."""
+
+    async def audit_desc(self, query: AuditQuery, before_seq: int | None) -> list[tuple[int, AuditEntry]]:
+        """Like :meth:`audit` but newest first, below ``before_seq`` (and above ``query.after_seq``)."""
+
+    async def purge_audit(self, org: str | None, before: float) -> int:
+        """Delete finished audit records that started before ``before`` (never one in flight)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GovRecord:
+    """One governance record: ``kind`` is org | agent | budget | adjustment | reset | prices."""
+
+    org: str
+    kind: str
+    key: str
+    data: Mapping[str, Any]
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdemClaim:
+    """The outcome of claiming an idempotency key.
+
+    ``claimed``: the caller owns the key now (``previous_owner`` is set when it took over a claim
+    whose lease ran out: that attempt may have charged, look it up first); ``in_flight``: another
+    attempt holds it; ``mismatch``: the key was used with another request; ``done``: the stored
+    answer (``status``, ``body``) is to be replayed.
+    """
+
+    state: Literal["claimed", "in_flight", "mismatch", "done"]
+    status: int | None = None
+    body: str | None = None
+    previous_owner: str | None = None

@@ -8,13 +8,12 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from resgov import __version__
 from resgov.config.rgf import NAME_RE
 from resgov.core.errors import InvalidValue, NotFound, ResGovError, StoreUnavailable, Unauthorized
-from resgov.core.money import to_units
-from resgov.ledger.store import ApiKeyRecord, AuditQuery, StoreError
+from resgov.ledger.store import ApiKeyRecord, StoreError
 from resgov.server.auth import SCOPES, admin_token_matches, agent_for, key_from_headers, new_key
 from resgov.server.runtime import Runtime
 
@@ -78,7 +77,7 @@ class GenerateKeyBody(BaseModel):
     name: str = Field("default", min_length=1, max_length=128)
     scopes: list[str] | None = None
     agent_id: str | None = Field(None, pattern=NAME_RE.pattern)
-    expires_in_seconds: int | None = Field(None, gt=0, le=10 * 365 * 86400)
+    expires_in_seconds: StrictInt | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
 class GeneratedKey(BaseModel):
@@ -105,30 +104,6 @@ class KeyInfo(BaseModel):
     created_at: float
     expires_at: float | None
     revoked: bool
-
-
-class BudgetWindow(BaseModel):
-    """One budget, in its current window."""
-
-    level: str
-    period: str
-    limit: float
-    spent: float
-    reserved: float
-    remaining: float
-    currency: str
-    resets_at: str | None
-
-
-class AgentBudgets(BaseModel):
-    """``GET /api/v1/agents/{id}``."""
-
-    agent_id: str
-    org_id: str
-    budgets: list[BudgetWindow]
-    allowed_models: list[str] | None
-    allowed_tools: list[str] | None
-    max_tokens_per_request: int | None
 
 
 class PauseView(BaseModel):
@@ -245,50 +220,6 @@ def build_router() -> APIRouter:
         rt.keys.forget(key_id)
         return {"key_id": key_id, "revoked": True}
 
-    @router.get("/api/v1/agents/{agent_id}", response_model=AgentBudgets, tags=["agents"])
-    async def get_agent(
-        agent_id: str,
-        request: Request,
-        caller: Caller = READ_CALLER,
-        org_id: Annotated[str | None, Query()] = None,
-    ) -> AgentBudgets:
-        rt = runtime(request)
-        policy = rt.policy
-        org = caller.org if not caller.admin else (org_id or _only_org(rt, agent_id))
-        if caller.key is not None and caller.key.agent_id not in (None, agent_id):
-            raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
-        agent = policy.agents.get((org or "", agent_id))
-        if agent is None:
-            raise NotFound(f"Agent '{agent_id}' not found.", reason="agent_not_found")
-        lines = policy.budget_lines(agent, datetime.now(UTC))
-        states = await rt.store.line_states(agent.org, [line.key for line in lines])
-        cur = policy.global_.currency
-        windows = []
-        for line in lines:
-            state = states[line.key]
-            windows.append(
-                BudgetWindow(
-                    level=line.level,
-                    period=line.period,
-                    limit=to_units(line.limit),
-                    spent=to_units(state.spent),
-                    reserved=to_units(state.reserved),
-                    remaining=to_units(max(0, line.limit - state.used)),
-                    currency=cur,
-                    resets_at=datetime.fromtimestamp(line.resets_at, UTC).isoformat().replace("+00:00", "Z")
-                    if line.resets_at
-                    else None,
-                )
-            )
-        return AgentBudgets(
-            agent_id=agent_id,
-            org_id=agent.org,
-            budgets=windows,
-            allowed_models=list(agent.allowed_models) if agent.allowed_models is not None else None,
-            allowed_tools=list(agent.allowed_tools) if agent.allowed_tools is not None else None,
-            max_tokens_per_request=agent.max_tokens_per_request,
-        )
-
     @router.post(
         "/api/v1/admin/agents/{agent_id}/resume",
         response_model=ResumeResult,
@@ -353,30 +284,6 @@ def build_router() -> APIRouter:
             if agent.model_allowed(name)
         ]
         return {"object": "list", "data": data}
-
-    @router.get("/api/v1/audit", tags=["audit"])
-    async def audit(
-        request: Request,
-        caller: Caller = READ_CALLER,
-        agent_id: str | None = None,
-        status: str | None = None,
-        org_id: str | None = None,
-        after: Annotated[int, Query(ge=0)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, Any]:
-        rt = runtime(request)
-        org = org_id if caller.admin else caller.org
-        rows = await rt.store.audit(
-            AuditQuery(org=org, agent=agent_id, status=status, after_seq=after, limit=limit)
-        )
-        items = []
-        for seq, entry in rows:
-            item = entry.public()
-            item["seq"] = seq
-            for field in ("reserved", "actual"):
-                item[field] = to_units(item[field])
-            items.append(item)
-        return {"items": items, "next_after": rows[-1][0] if rows else None}
 
     return router
 

@@ -20,6 +20,7 @@ from resgov.providers.translate import ChatToMessages, MessagesToChat
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
 from resgov.server.dashboard import build_dashboard_router
+from resgov.server.governance import install as install_governance
 from resgov.server.proxy import ProxyRoute
 from resgov.server.runtime import PolicyHolder, Runtime
 
@@ -83,4 +84,5 @@ def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
     api.include_router(build_router())
     api.include_router(build_dashboard_router())
     install_error_handlers(api)
+    install_governance(api)
     return ResGovApp(runtime, api)

@@ -25,6 +25,7 @@ from resgov.core.policy import Policy, ProviderPolicy
 from resgov.guard import Guard, state_for_url
 from resgov.ledger.store import Store
 from resgov.server.auth import KeyCache
+from resgov.server.governance_service import GovernanceService
 
 log = logging.getLogger("resgov")
 T = TypeVar("T")
@@ -79,6 +80,8 @@ class Runtime:
     store: Store
     policies: PolicyHolder
     keys: KeyCache = field(init=False)
+    #: Set by server.governance.install; None: the .rgf alone applies.
+    governance: GovernanceService | None = None
     #: Rate limits, loop and velocity breakers, sessions: in-process state beside a SQLite
     #: ledger, shared Redis state (one limit for every instance) beside a Redis ledger.
     guard: Guard = field(init=False)
@@ -109,8 +112,13 @@ class Runtime:
 
     @property
     def policy(self) -> Policy:
-        """The policy in force now (callers keep the object for the whole call)."""
-        return self.policies.policy
+        """The policy in force now: the file's, with the governance API's changes merged.
+
+        Callers keep the object for the whole call, so a call finishes under the policy it
+        started with.
+        """
+        base = self.policies.policy
+        return self.governance.effective(base) if self.governance is not None else base
 
     async def start(self) -> None:
         """Open the store and the upstream pool, start the sweeper and the policy watcher."""
