@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import aiohttp
 import orjson
 
 from resgov.core.bounds import input_bound
@@ -41,6 +40,7 @@ from resgov.ledger.store import (
     StoreError,
 )
 from resgov.providers.base import Adapter, Format, ParsedRequest
+from resgov.providers.http_client import UpstreamConnectError, UpstreamError, UpstreamResponse
 from resgov.server.asgi import (
     JSON_CT,
     ClientGone,
@@ -80,19 +80,21 @@ _DROP_UPSTREAM = frozenset(
         b"content-type",
     }
 )
+#: Never forwarded to the client. Content-Encoding is kept: the upstream client passes bodies
+#: through as received (ResGov asks for identity), so a provider that compresses anyway must
+#: have its encoding named to the client.
 _DROP_DOWNSTREAM = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "content-encoding",
-        "set-cookie",
-        "date",
-        "server",
-        "upgrade",
-        "trailer",
-        "proxy-authenticate",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"set-cookie",
+        b"date",
+        b"server",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
     }
 )
 #: Upstream bodies larger than this are not buffered (non-streaming answers are small).
@@ -440,30 +442,28 @@ class ProxyRoute:
         return out
 
     @staticmethod
-    def _downstream_headers(resp: aiohttp.ClientResponse) -> Headers:
-        return [
-            (k.lower().encode("latin-1"), v.encode("latin-1"))
-            for k, v in resp.headers.items()
-            if k.lower() not in _DROP_DOWNSTREAM and not k.lower().startswith("x-resgov-")
-        ]
+    def _downstream_headers(resp: UpstreamResponse) -> Headers:
+        out: Headers = []
+        for name, value in resp.headers.raw:
+            lname = name.lower()
+            if lname not in _DROP_DOWNSTREAM and not lname.startswith(b"x-resgov-"):
+                out.append((lname, value))
+        return out
 
     async def _open_upstream(
         self, plan: Plan, settler: Settler, client_headers: dict[bytes, bytes], base: Headers, send: Send
-    ) -> aiohttp.ClientResponse | None:
+    ) -> UpstreamResponse | None:
         """Send the request; on failure settle, answer the client, and return None."""
         url, body, headers = self._upstream(plan, client_headers)
         provider = plan.provider
-        session = self.rt.session
-        assert session is not None
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=provider.connect_timeout, connect=provider.connect_timeout
-        )
+        client = self.rt.upstream
+        assert client is not None
         try:
             async with asyncio.timeout(provider.first_byte_timeout):
-                return await session.post(
-                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                return await client.request(
+                    "POST", url, headers, body, connect_timeout=provider.connect_timeout
                 )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except UpstreamConnectError as exc:
             # Never reached the provider: nothing can have been billed.
             await settler.settle(
                 "release", 0, "upstream_error", reason="upstream_unreachable", http_status=502
@@ -487,7 +487,7 @@ class ProxyRoute:
                 status=504,
                 type="upstream_timeout",
             )
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             charge = bound_cost(plan.price, plan.input_tokens, 0) if plan.req.stream else plan.amount
             await settler.settle(
                 "estimated", charge, "upstream_error", reason="upstream_failed", http_status=502
@@ -506,13 +506,13 @@ class ProxyRoute:
         return None
 
     async def _upstream_error(
-        self, plan: Plan, settler: Settler, resp: aiohttp.ClientResponse, base: Headers, send: Send
+        self, plan: Plan, settler: Settler, resp: UpstreamResponse, base: Headers, send: Send
     ) -> None:
         """The provider refused: nothing was generated, so release in full and pass its answer on."""
         try:
             async with asyncio.timeout(plan.provider.idle_timeout):
-                body = await resp.content.read(_MAX_UPSTREAM_BODY)
-        except (TimeoutError, aiohttp.ClientError):
+                body = await resp.read(_MAX_UPSTREAM_BODY)
+        except (TimeoutError, UpstreamError):
             body = b""
         finally:
             resp.release()
@@ -549,8 +549,8 @@ class ProxyRoute:
             return
         try:
             async with asyncio.timeout(plan.provider.idle_timeout):
-                body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                body = await resp.read(_MAX_UPSTREAM_BODY)
+        except (TimeoutError, UpstreamError) as exc:
             resp.release()
             # Headers arrived, so the answer was complete upstream: charge the bound.
             stalled = isinstance(exc, TimeoutError)
@@ -656,11 +656,11 @@ class ProxyRoute:
             while True:
                 try:
                     async with asyncio.timeout(idle):
-                        chunk = await resp.content.readany()
+                        chunk = await resp.readany()
                 except TimeoutError:
                     ended = "idle_timeout"
                     break
-                except (aiohttp.ClientError, ConnectionError):
+                except UpstreamError:
                     ended = "client_disconnect" if gone.is_set() else "upstream_cut"
                     break
                 if not chunk:
@@ -712,7 +712,7 @@ class ProxyRoute:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-def _upstream_id(resp: aiohttp.ClientResponse) -> str | None:
+def _upstream_id(resp: UpstreamResponse) -> str | None:
     """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``)."""
     return resp.headers.get("x-request-id") or resp.headers.get("request-id")
 

@@ -17,13 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
-
 from resgov.config.rgf import PolicyError, load_policy
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy, ProviderPolicy
 from resgov.guard import Guard, state_for_url
 from resgov.ledger.store import Store
+from resgov.providers.http_client import UpstreamClient
 from resgov.server.auth import KeyCache
 from resgov.server.governance_service import GovernanceService
 
@@ -85,7 +84,7 @@ class Runtime:
     #: Rate limits, loop and velocity breakers, sessions: in-process state beside a SQLite
     #: ledger, shared Redis state (one limit for every instance) beside a Redis ledger.
     guard: Guard = field(init=False)
-    session: aiohttp.ClientSession | None = None
+    upstream: UpstreamClient | None = None
     #: reservation id -> monotonic start time, for every call in flight (their leases are renewed).
     inflight: dict[str, float] = field(default_factory=dict)
     settling: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -124,10 +123,7 @@ class Runtime:
         """Open the store and the upstream pool, start the sweeper and the policy watcher."""
         await self.store.open()
         await self.guard.start()
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-        )
+        self.upstream = UpstreamClient(max_idle_per_host=256, keepalive_timeout=30.0)
         if self.policies.path and self.policies.mtime is None:
             with contextlib.suppress(OSError):
                 self.policies.mtime = os.stat(self.policies.path).st_mtime
@@ -149,8 +145,8 @@ class Runtime:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.session is not None:
-            await self.session.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         await self.guard.stop()
         await self.store.close()
 
