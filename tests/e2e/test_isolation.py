@@ -128,6 +128,15 @@ def attempts(w: dict[str, Any]) -> list[tuple[str, str, Any, set[int]]]:
         ("POST", "/api/v1/admin/price-cache/refresh", {}, deny),
         ("GET", "/api/v1/admin/price-cache", None, deny),
         ("POST", "/api/v1/admin/audit/purge", {"older_than_days": 0.0001, "org_id": "alpha"}, deny),
+        ("POST", "/api/v1/admin/webhooks", {"url": "https://93.184.216.34/x", "org_id": "alpha"}, deny),
+        ("GET", "/api/v1/admin/webhooks?org_id=alpha", None, deny),
+        ("GET", "/api/v1/admin/webhooks/wh_alpha", None, deny),
+        ("PATCH", "/api/v1/admin/webhooks/wh_alpha", {"enabled": False}, deny),
+        ("PUT", "/api/v1/admin/webhooks/wh_alpha", {"url": "https://93.184.216.34/x"}, deny),
+        ("DELETE", "/api/v1/admin/webhooks/wh_alpha", None, deny),
+        ("POST", "/api/v1/admin/webhooks/wh_alpha/test", None, deny),
+        ("GET", "/api/v1/admin/alerts/status", None, deny),
+        ("GET", "/api/v1/admin/alerts/dead-letters", None, deny),
     ]
     return out
 
@@ -168,7 +177,7 @@ def test_every_endpoint_with_another_orgs_key_and_ids(world: dict[str, Any]) -> 
     routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops if p.startswith("/api/v1/")}
     concrete = {(m, p.replace(world["booking"], "{booking_id}").replace(world["key_id"], "{key_id}")
                  .replace(world["adjustment"], "{adjustment_id}").replace("api-agent", "{agent_id}")
-                 .replace("file-agent", "{agent_id}").replace("/orgs/alpha", "/orgs/{org_id}")) for m, p in tried}  # fmt: skip
+                 .replace("file-agent", "{agent_id}").replace("/orgs/alpha", "/orgs/{org_id}").replace("wh_alpha", "{webhook_id}")) for m, p in tried}  # fmt: skip
     missing = {r for r in routes if r not in concrete}
     assert not missing, f"routes the matrix does not try: {sorted(missing)}"
 

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resgov.alerts.config import WebhookSection, validate_thresholds
 from resgov.core.money import parse_amount, price_per_mtok
 from resgov.core.policy import (
     DEFAULT_ORG,
@@ -61,6 +62,13 @@ class GlobalSection(_Section):
     on_expired_reservation: Literal["charge", "release"] = "charge"
     default_max_tokens: int = Field(4096, ge=1, le=10_000_000)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    alert_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0], max_length=20)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _alert_thresholds(cls, value: list[float]) -> list[float]:
+        return list(validate_thresholds(value))
+
     audit_retention_days: float | None = Field(None, gt=0, le=36_500)
 
     @field_validator("timezone")
@@ -168,6 +176,7 @@ class RgfFile(_Section):
     models: dict[str, ModelSection] = Field(default_factory=dict)
     orgs: dict[str, OrgSection] = Field(default_factory=dict)
     agents: dict[str, AgentSection] = Field(default_factory=dict)
+    webhooks: list[WebhookSection] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="after")
     def _names(self) -> RgfFile:
@@ -326,10 +335,17 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
         on_expired_reservation=g.on_expired_reservation,
         default_max_tokens=g.default_max_tokens,
         max_request_bytes=g.max_request_bytes,
+        alert_thresholds=tuple(g.alert_thresholds),
         audit_retention_days=g.audit_retention_days,
     )
     return Policy(
-        global_=global_, providers=providers, agents=agents, orgs=orgs, prices=prices, source=source
+        global_=global_,
+        providers=providers,
+        agents=agents,
+        orgs=orgs,
+        prices=prices,
+        source=source,
+        webhooks=tuple(rgf.webhooks),
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from resgov.core.budget import BudgetLine, lines_for
@@ -119,6 +119,8 @@ class GlobalPolicy:
     on_expired_reservation: Literal["charge", "release"] = "charge"
     default_max_tokens: int = 4096
     max_request_bytes: int = 32 * 1024 * 1024
+    #: Fractions of each budget's limit at which a ``budget.threshold`` alert fires.
+    alert_thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     audit_retention_days: float | None = None
 
 
@@ -137,6 +139,8 @@ class Policy:
     orgs: Mapping[str, OrgPolicy]
     prices: PriceBook
     source: str = "<defaults>"
+    #: ``[[webhooks]]`` as validated by the loader (``resgov.alerts.WebhookSection``; core imports no alerts code).
+    webhooks: tuple[Any, ...] = ()
     #: (org, agent) -> (valid until, lines): windows only change at a reset, and computing
     #: them (zoneinfo arithmetic) is a measurable share of the hot path.
     _lines_cache: dict[tuple[str, str], tuple[float, tuple[BudgetLine, ...]]] = field(

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from resgov import __version__
+from resgov.alerts import Alerts, RgfDestinations
+from resgov.alerts.urls import allow_private_from_env
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
 from resgov.ledger.store import Store
@@ -17,10 +19,12 @@ from resgov.providers.embeddings import Embeddings
 from resgov.providers.openai import ChatCompletions
 from resgov.providers.responses import Responses
 from resgov.providers.translate import ChatToMessages, MessagesToChat
+from resgov.server.alerts_api import build_alerts_router
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
 from resgov.server.dashboard import build_dashboard_router
 from resgov.server.governance import install as install_governance
+from resgov.server.metrics import Metrics, ObservedStore, build_metrics_router
 from resgov.server.proxy import ProxyRoute
 from resgov.server.runtime import PolicyHolder, Runtime
 
@@ -34,7 +38,10 @@ class ResGovApp:
         self.runtime = runtime
         self.api = api
         chat = ProxyRoute(
-            runtime, "/v1/chat/completions", "openai", {"openai": ChatCompletions(), "anthropic": ChatToMessages()}
+            runtime,
+            "/v1/chat/completions",
+            "openai",
+            {"openai": ChatCompletions(), "anthropic": ChatToMessages()},
         )
         messages = ProxyRoute(
             runtime, "/v1/messages", "anthropic", {"anthropic": Messages(), "openai": MessagesToChat()}
@@ -59,7 +66,20 @@ class ResGovApp:
 def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
     """Build the app. Resources are opened and closed by its lifespan."""
     holder = PolicyHolder(policy=policy, path=settings.config_path)
-    runtime = Runtime(settings=settings, store=store, policies=holder)
+    # The policy in force (with the governance API's agents), read when used: reloads apply.
+    metrics = Metrics(policy=lambda: runtime.policy)
+    allow_private = allow_private_from_env()
+    alerts = Alerts.from_settings(
+        settings,
+        allow_private=allow_private,
+        rgf_destinations=RgfDestinations(lambda: holder.policy.webhooks, allow_private=allow_private),
+        on_delivery=metrics.observe_alert_delivery,
+    )
+    # Every ledger round trip is timed; settlements feed the spend metrics and the budget alerts.
+    observed = ObservedStore(store, metrics=metrics, alerts=alerts, policy=lambda: runtime.policy)
+    metrics.store = observed
+    runtime = Runtime(settings=settings, store=observed, policies=holder, metrics=metrics, alerts=alerts)
+    runtime.guard.on_trip.append(alerts.on_breaker_trip)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -82,6 +102,8 @@ def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
     )
     api.state.runtime = runtime
     api.include_router(build_router())
+    api.include_router(build_metrics_router())
+    api.include_router(build_alerts_router())
     api.include_router(build_dashboard_router())
     install_error_handlers(api)
     install_governance(api)

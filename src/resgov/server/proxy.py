@@ -151,6 +151,11 @@ class Settler:
     headers: Headers = field(default_factory=list)
     #: The guard's admission of this call (None when no guard applies to the agent or its org).
     ticket: Ticket | None = None
+    #: The audit status this call settled with (the ``outcome`` label of resgov_requests_total).
+    status: AuditStatus | None = None
+    #: perf_counter() when the request went upstream, and how long the upstream exchange took.
+    upstream_started: float = 0.0
+    upstream_s: float | None = None
 
     async def settle(
         self,
@@ -165,6 +170,10 @@ class Settler:
     ) -> SettleOutcome:
         if self.outcome is not None:
             return self.outcome
+        # Every path settles right after the upstream exchange ended (error, body read, stream end).
+        if self.upstream_started and self.upstream_s is None:
+            self.upstream_s = time.perf_counter() - self.upstream_started
+        self.status = status
         request = SettleRequest(
             reservation_id=self.rid,
             kind=kind,
@@ -214,6 +223,7 @@ class ProxyRoute:
         rt = self.rt
         request_id = rt.new_request_id()
         started = time.time()
+        t0 = time.perf_counter()
         base_headers: Headers = [(b"x-resgov-request-id", request_id.encode())]
         headers: dict[bytes, bytes] = dict(scope["headers"])
         org: str | None = None
@@ -253,6 +263,8 @@ class ProxyRoute:
                     await rt.shielded(lambda: rt.guard.release(ticket))
                 raise
         except ClientGone:
+            if rt.metrics is not None:
+                rt.metrics.observe_call(self.route, model, "", "client_gone", time.perf_counter() - t0)
             return
         except ResGovError as err:
             if org is not None:
@@ -277,6 +289,15 @@ class ProxyRoute:
                         )
                     )
             await send_error(send, err, base_headers, self.client_format)
+            if rt.metrics is not None:
+                outcome = (
+                    "unauthorized"
+                    if err.status == 401
+                    else "denied"
+                    if err.status in (403, 429)
+                    else "rejected"
+                )
+                rt.metrics.observe_call(self.route, model, "", outcome, time.perf_counter() - t0)
             return
         settler = Settler(rt, rid, plan, ticket=ticket)
         rt.inflight[rid] = time.monotonic()
@@ -294,6 +315,12 @@ class ProxyRoute:
             if ticket is not None and not ticket.done:
                 # The settlement failed (store outage): still free the guard's slot, at the bound.
                 await rt.shielded(lambda: rt.guard.settled(ticket, tokens=None, cost=plan.amount))
+            if rt.metrics is not None:
+                upstream = settler.upstream_s
+                rt.metrics.observe_call(
+                    self.route, plan.req.model, plan.provider.name, settler.status or "estimated",
+                    time.perf_counter() - t0 - (upstream or 0.0), upstream,
+                )  # fmt: skip
 
     # -- before the upstream ---------------------------------------------------------------------
 
@@ -459,6 +486,7 @@ class ProxyRoute:
         client = self.rt.upstream
         assert client is not None
         try:
+            settler.upstream_started = time.perf_counter()
             async with asyncio.timeout(provider.first_byte_timeout):
                 return await client.request(
                     "POST", url, headers, body, connect_timeout=provider.connect_timeout

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from resgov.alerts import Alerts
 from resgov.config.rgf import PolicyError, load_policy
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy, ProviderPolicy
@@ -25,6 +26,7 @@ from resgov.ledger.store import Store
 from resgov.providers.http_client import UpstreamClient
 from resgov.server.auth import KeyCache
 from resgov.server.governance_service import GovernanceService
+from resgov.server.metrics import Metrics
 
 log = logging.getLogger("resgov")
 T = TypeVar("T")
@@ -91,6 +93,9 @@ class Runtime:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     store_ok: bool = True
     started_at: float = field(default_factory=time.time)
+    #: Prometheus metrics (``GET /metrics``) and the alert pipeline (None in bare runtimes).
+    metrics: Metrics | None = None
+    alerts: Alerts | None = None
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
@@ -127,6 +132,9 @@ class Runtime:
         if self.policies.path and self.policies.mtime is None:
             with contextlib.suppress(OSError):
                 self.policies.mtime = os.stat(self.policies.path).st_mtime
+        if self.alerts is not None:
+            # Before the first sweep, so its reservation.expired alert goes out promptly.
+            await self.alerts.start()
         # Settle leases that expired while no process ran, before taking traffic.
         await self.sweep_once()
         self.background.append(asyncio.create_task(self._sweeper(), name="resgov-sweeper"))
@@ -148,6 +156,9 @@ class Runtime:
         if self.upstream is not None:
             await self.upstream.close()
         await self.guard.stop()
+        if self.alerts is not None:
+            # After the settlements drained (their alerts are emitted), before the store closes.
+            await self.alerts.stop()
         await self.store.close()
 
     async def sweep_once(self) -> int:
