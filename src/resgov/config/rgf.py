@@ -70,6 +70,7 @@ class GlobalSection(_Section):
         return list(validate_thresholds(value))
 
     audit_retention_days: float | None = Field(None, gt=0, le=36_500)
+    forecast_alert_horizon_seconds: float = Field(3600.0, ge=0, le=366 * 86_400)
 
     @field_validator("timezone")
     @classmethod
@@ -337,6 +338,7 @@ def compile_policy(rgf: RgfFile, source: str, *, library_prices: bool = True) ->
         max_request_bytes=g.max_request_bytes,
         alert_thresholds=tuple(g.alert_thresholds),
         audit_retention_days=g.audit_retention_days,
+        forecast_alert_horizon_seconds=g.forecast_alert_horizon_seconds,
     )
     return Policy(
         global_=global_,

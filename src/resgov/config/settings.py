@@ -23,6 +23,8 @@ class Settings:
     sweep_interval: float = 1.0
     #: Seconds an API-key lookup is cached (a CLI revocation beside a running server takes this long).
     key_cache_seconds: float = 5.0
+    #: How often budgets are checked for predicted exhaustion (forecast.exhaustion alerts).
+    forecast_interval: float = 60.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

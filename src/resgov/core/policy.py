@@ -122,6 +122,8 @@ class GlobalPolicy:
     #: Fractions of each budget's limit at which a ``budget.threshold`` alert fires.
     alert_thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     audit_retention_days: float | None = None
+    #: Alert when a budget is predicted to run out within this many seconds (0: off).
+    forecast_alert_horizon_seconds: float = 3600.0
 
 
 def _window_floor(lines: tuple[BudgetLine, ...]) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +12,7 @@ from fastapi import FastAPI
 
 from resgov import __version__
 from resgov.alerts import Alerts, RgfDestinations
+from resgov.alerts.events import forecast_exhaustion
 from resgov.alerts.urls import allow_private_from_env
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy
@@ -22,7 +25,7 @@ from resgov.providers.translate import ChatToMessages, MessagesToChat
 from resgov.server.alerts_api import build_alerts_router
 from resgov.server.api import build_router, install_error_handlers
 from resgov.server.asgi import Receive, Scope, Send
-from resgov.server.dashboard import build_dashboard_router
+from resgov.server.dashboard import build_dashboard_router, exhaustion_events
 from resgov.server.governance import install as install_governance
 from resgov.server.metrics import Metrics, ObservedStore, build_metrics_router
 from resgov.server.proxy import ProxyRoute
@@ -63,6 +66,36 @@ class ResGovApp:
         await self.api(scope, receive, send)
 
 
+async def _forecast_alerts(runtime: Runtime, alerts: Alerts) -> None:
+    """Every ``forecast_interval`` seconds: alert on budgets predicted to run out within the horizon.
+
+    Each event id is stable for one budget line in one window, so the alert fires once per
+    window however often this runs and however many instances run it.
+    """
+    while True:
+        await asyncio.sleep(runtime.settings.forecast_interval)
+        policy = runtime.policy
+        horizon = policy.global_.forecast_alert_horizon_seconds
+        if not horizon:
+            continue
+        try:
+            events = await exhaustion_events(runtime.store, policy, horizon_seconds=horizon)
+        except Exception as exc:  # a store outage must not end the loop
+            log.warning("forecast alerts skipped: %s", exc)
+            continue
+        for ev in events:
+            alerts.emit(
+                forecast_exhaustion(
+                    ev.line,
+                    ev.agent_id or "",
+                    ev.exhausts_at,
+                    ev.remaining,
+                    round(ev.rate_per_hour),
+                    policy.global_.currency,
+                )
+            )
+
+
 def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
     """Build the app. Resources are opened and closed by its lifespan."""
     holder = PolicyHolder(policy=policy, path=settings.config_path)
@@ -89,9 +122,13 @@ def create_app(settings: Settings, store: Store, policy: Policy) -> ResGovApp:
                 "missing" if not settings.admin_token else "too short",
             )
         await runtime.start()
+        forecaster = asyncio.create_task(_forecast_alerts(runtime, alerts), name="resgov-forecast-alerts")
         try:
             yield
         finally:
+            forecaster.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forecaster
             await runtime.stop()
 
     api = FastAPI(
