@@ -210,6 +210,8 @@ def resgov_process(
         **os.environ,
         "RESGOV_ADMIN_TOKEN": ADMIN_TOKEN,
         "RESGOV_STORE": f"sqlite:///{db or tmp / 'resgov.db'}",
+        # Fail-open journals of test servers stay in the test's directory.
+        "RESGOV_JOURNAL": str(tmp / f"journal-{port}.jsonl"),
         **(env or {}),
     }
     log = open(tmp / f"server-{port}.log", "ab")  # noqa: SIM115 - closed below

@@ -1,8 +1,9 @@
-"""``resgov serve | check | demo | keys``."""
+"""``resgov serve | check | demo | keys | store``."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -23,6 +24,11 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Manage API keys directly in the store (works beside a running server).")
 app.add_typer(keys_app, name="keys")
+store_app = typer.Typer(
+    help="Move a ledger between backends and check its invariants (migrate with every instance stopped).",
+    no_args_is_help=True,
+)
+app.add_typer(store_app, name="store")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -76,6 +82,10 @@ def serve(
         config_path=path, store_url=store, host=host, port=port, drain_seconds=drain_seconds
     )
     application = create_app(settings, store_from_url(settings.store_url), policy)
+    # Everything loaded so far lives as long as the process: keep it out of the collector's
+    # scans (measured in bench/: ~10 % more calls per second at load).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         application,
         host=host,
@@ -213,6 +223,59 @@ def keys_revoke(key_id: str, store: StoreOpt = None) -> None:
         err_console.print(f"[red]no active key {key_id}[/]")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")
+
+
+@store_app.command("migrate")
+def store_migrate(
+    from_url: Annotated[str, typer.Option("--from", help="Source ledger: sqlite:///path.db or redis://host:port/db")],
+    to_url: Annotated[str, typer.Option("--to", help="Destination ledger URL (same forms)")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a destination that already holds data")] = False,
+) -> None:
+    """Copy lines, open reservations (lease left kept), audit, API keys and governance; verify counts and sums.
+
+    Exit 0 when every count and sum matches, 1 on any mismatch, 2 when the migration cannot start.
+    """
+    from resgov.ledger.migrate import MigrationError, format_sums, migrate
+    from resgov.ledger.store import StoreError
+
+    try:
+        report = asyncio.run(migrate(from_url, to_url, force=force))
+    except (MigrationError, StoreError) as exc:
+        err_console.print(f"[red]resgov store migrate: {exc}[/]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    for row in format_sums(report):
+        console.print(row, highlight=False, soft_wrap=True)
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
+    if not report.ok:
+        for problem in report.problems:
+            err_console.print(f"[red]MISMATCH: {problem}[/]", soft_wrap=True)
+        err_console.print("[red]migration did NOT verify[/]")
+        raise typer.Exit(1)
+    console.print("[green]migration verified: every count and sum matches[/]")
+
+
+@store_app.command("check")
+def store_check(store: StoreOpt = None) -> None:
+    """Print ledger totals and check its invariants (exit 1 if one is broken, 2 if unreachable)."""
+    from resgov.ledger.migrate import MigrationError, check
+    from resgov.ledger.store import StoreError
+
+    url = Settings.from_env(store_url=store).store_url
+    try:
+        report = asyncio.run(check(url))
+    except (MigrationError, StoreError) as exc:
+        err_console.print(f"[red]resgov store check: {exc}[/]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    for line in report.figures:
+        console.print(line, highlight=False, soft_wrap=True)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
+    for error in report.errors:
+        console.print(f"[red]BROKEN: {error}[/]", soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("[green]invariants hold[/]")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

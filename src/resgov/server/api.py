@@ -165,10 +165,22 @@ def build_router() -> APIRouter:
         reachable = await rt.store.ping()
         rt.store_ok = reachable
         policy_ok = rt.policies.error is None
+        journal = rt.journal
         return Health(
-            status="ok" if reachable and policy_ok else "degraded",
+            # Fail-open calls not yet booked: the ledger is behind what was spent.
+            status="ok" if reachable and policy_ok and not journal.pending else "degraded",
             version=__version__,
-            store={"backend": rt.store.name, "reachable": reachable},
+            store={
+                "backend": rt.store.name,
+                "reachable": reachable,
+                "fail_open": {
+                    "journal": journal.path,
+                    "unbooked_calls": journal.pending,
+                    "calls_let_through": journal.stats.fail_open_calls,
+                    "reconciled": journal.stats.reconciled,
+                    "last_error": journal.stats.last_error,
+                },
+            },
             policy={
                 "source": rt.policy.source,
                 "ok": policy_ok,

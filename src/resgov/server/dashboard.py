@@ -613,7 +613,9 @@ def build_dashboard_router(clock: Callable[[], float] | None = None) -> APIRoute
         else:
             org = _visible_org(policy, caller, org_id, None)
         try:
-            return await _summary(rt.store, policy, caller, org, lookback_hours, now_of(request), _hints(request))
+            return await _summary(
+                rt.store, policy, caller, org, lookback_hours, now_of(request), _hints(request)
+            )
         except StoreError as exc:
             raise StoreUnavailable("The ledger store is unreachable.", reason="store_unavailable") from exc
 

@@ -19,6 +19,7 @@ import orjson
 
 from resgov.core.bounds import input_bound
 from resgov.core.budget import BudgetLine, LineState, SettleKind, remaining
+from resgov.core.budget import settle as settle_charge
 from resgov.core.errors import (
     BudgetExceeded,
     Forbidden,
@@ -31,6 +32,7 @@ from resgov.core.money import NANO, format_money, to_units
 from resgov.core.policy import AgentPolicy, OrgPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
 from resgov.guard import CallContext, GuardRefusal, Ticket
+from resgov.ledger.journal import JournalCall, JournalError
 from resgov.ledger.store import (
     AuditEntry,
     AuditStatus,
@@ -108,6 +110,10 @@ def _decimal_str(nano: int) -> str:
     return format(Decimal(nano) / NANO, "f")
 
 
+class _FailOpen(Exception):
+    """The store is unreachable and the policy says allow: the call goes on, journaled."""
+
+
 def budget_refusal(
     line: BudgetLine, used: int, required: int, currency: str, agent_id: str
 ) -> BudgetExceeded:
@@ -151,6 +157,9 @@ class Settler:
     headers: Headers = field(default_factory=list)
     #: The guard's admission of this call (None when no guard applies to the agent or its org).
     ticket: Ticket | None = None
+    #: Set when the call runs unreserved (store unreachable, fail_safe_action = allow): its cost
+    #: goes to the fail-open journal instead of the store, and is booked when the store is back.
+    journaled: JournalCall | None = None
     #: The audit status this call settled with (the ``outcome`` label of resgov_requests_total).
     status: AuditStatus | None = None
     #: perf_counter() when the request went upstream, and how long the upstream exchange took.
@@ -193,7 +202,24 @@ class Settler:
     async def _settle_all(
         self, request: SettleRequest, kind: SettleKind, usage: Usage | None
     ) -> SettleOutcome:
-        outcome = await self.rt.store.settle(request)
+        if self.journaled is not None:
+            outcome = await self._close_journaled(request, kind, usage)
+        else:
+            try:
+                outcome = await self.rt.store.settle(request)
+            except StoreError as exc:
+                # The store went away mid-call. The reservation is durable, so nothing is lost
+                # (the sweeper would charge it), but its real cost is known now: journal it, and
+                # still answer the client; reconciliation settles the reservation once it is back.
+                try:
+                    self.journaled = await self.rt.journal.open_call(
+                        request_id=self.rid, org=self.plan.agent.org, agent=self.plan.agent.agent_id,
+                        model=self.plan.req.model, provider=self.plan.provider.name, route="",
+                        bound=self.plan.amount, lines=self.plan.lines, reason=str(exc), reserved=True,
+                    )  # fmt: skip
+                except JournalError:
+                    raise exc from None
+                outcome = await self._close_journaled(request, kind, usage)
         if self.ticket is not None:
             # Before the response's last byte: a client that sends its next call at once must
             # find its concurrency slot free and its token window holding the actual tokens.
@@ -201,6 +227,30 @@ class Settler:
             tokens = usage.total_input + usage.total_output if usage else (0 if kind == "release" else None)
             await self.rt.guard.settled(self.ticket, tokens=tokens, cost=outcome.charged)
         return outcome
+
+    async def _close_journaled(
+        self, request: SettleRequest, kind: SettleKind, usage: Usage | None
+    ) -> SettleOutcome:
+        """What the settlement would have charged, against the bound, written to the journal."""
+        assert self.journaled is not None
+        charge = settle_charge(self.plan.amount, kind, request.amount)
+        try:
+            await self.rt.journal.close_call(
+                self.journaled,
+                charge.charged,
+                status=request.status,
+                usage=usage,
+                reason=request.reason,
+                http_status=request.http_status,
+                upstream_request_id=request.upstream_request_id,
+                estimated=kind == "estimated",
+            )
+        except JournalError as exc:
+            # Its open record is on disk: the next run books it like an expired lease.
+            log.error("fail-open journal: cannot record the cost of %s: %s", self.rid, exc)
+        return SettleOutcome(
+            settled=True, charged=charge.charged, refund=charge.refund, overage=charge.overage, reserved=0
+        )
 
 
 class ProxyRoute:
@@ -255,8 +305,13 @@ class ProxyRoute:
                 provider=plan.provider.name,
                 started_at=started,
             )
+            journaled: JournalCall | None = None
             try:
-                states = await self._reserve(plan, rid, audit)
+                try:
+                    states = await self._reserve(plan, rid, audit)
+                except _FailOpen as why:
+                    journaled = await self._journal_open(plan, rid, audit, str(why))
+                    states = {}
             except BaseException:
                 if ticket is not None:
                     # Refused by the budget (or the store): the call never goes upstream.
@@ -299,7 +354,9 @@ class ProxyRoute:
                 )
                 rt.metrics.observe_call(self.route, model, "", outcome, time.perf_counter() - t0)
             return
-        settler = Settler(rt, rid, plan, ticket=ticket)
+        settler = Settler(rt, rid, plan, ticket=ticket, journaled=journaled)
+        if journaled is not None:
+            base_headers.append((b"x-resgov-fail-open", b"journaled"))
         rt.inflight[rid] = time.monotonic()
         try:
             if plan.req.stream:
@@ -427,6 +484,8 @@ class ProxyRoute:
                     )
         except StoreError as exc:
             self.rt.store_ok = False
+            if g.fail_safe_action == "allow":
+                raise _FailOpen(str(exc)) from exc
             log.error("store unavailable, refusing (fail_safe_action=deny): %s", exc)
             raise StoreUnavailable(
                 "The budget ledger is unavailable; the call was not sent upstream (fail_safe_action = deny).",
@@ -438,6 +497,28 @@ class ProxyRoute:
             used = outcome.states.get(line.key, LineState()).used
             raise budget_refusal(line, used, plan.amount, g.currency, plan.agent.agent_id)
         return dict(outcome.states)
+
+    async def _journal_open(self, plan: Plan, rid: str, audit: AuditEntry, why: str) -> JournalCall:
+        """Journal a call about to go upstream unreserved; refuse it if the journal cannot be written."""
+        try:
+            return await self.rt.journal.open_call(
+                request_id=rid,
+                org=plan.agent.org,
+                agent=plan.agent.agent_id,
+                model=audit.model,
+                provider=plan.provider.name,
+                route=self.route,
+                bound=plan.amount,
+                lines=plan.lines,
+                reason=why,
+            )
+        except JournalError as exc:
+            log.error("store unavailable and the fail-open journal cannot be written, refusing: %s", exc)
+            raise StoreUnavailable(
+                "The budget ledger is unavailable and the fail-open journal cannot be written; the call "
+                "was not sent upstream.",
+                reason="store_unavailable",
+            ) from exc
 
     def _upstream(self, plan: Plan, client_headers: dict[bytes, bytes]) -> tuple[str, bytes, dict[str, str]]:
         provider = plan.provider

@@ -22,6 +22,7 @@ from resgov.config.rgf import PolicyError, load_policy
 from resgov.config.settings import Settings
 from resgov.core.policy import Policy, ProviderPolicy
 from resgov.guard import Guard, state_for_url
+from resgov.ledger.journal import Journal, JournalError
 from resgov.ledger.store import Store
 from resgov.providers.http_client import UpstreamClient
 from resgov.server.auth import KeyCache
@@ -81,6 +82,8 @@ class Runtime:
     store: Store
     policies: PolicyHolder
     keys: KeyCache = field(init=False)
+    #: Calls let through with no reservation while the store is unreachable (fail_safe_action = allow).
+    journal: Journal = field(init=False)
     #: Set by server.governance.install; None: the .rgf alone applies.
     governance: GovernanceService | None = None
     #: Rate limits, loop and velocity breakers, sessions: in-process state beside a SQLite
@@ -99,6 +102,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
+        self.journal = Journal(self.settings.journal)
         # Request ids: a random per-process prefix and a counter. uuid4 per call read
         # os.urandom, which releases the GIL to the writer thread: measurable at load.
         self._id_prefix = "rgr_" + secrets.token_hex(8)
@@ -127,6 +131,11 @@ class Runtime:
     async def start(self) -> None:
         """Open the store and the upstream pool, start the sweeper and the policy watcher."""
         await self.store.open()
+        try:
+            # A journal left by a previous run: its calls are booked by the reconcile task below.
+            await self.journal.open()
+        except JournalError as exc:
+            log.error("%s; with fail_safe_action = allow, calls are refused while the store is down", exc)
         await self.guard.start()
         self.upstream = UpstreamClient(max_idle_per_host=256, keepalive_timeout=30.0)
         if self.policies.path and self.policies.mtime is None:
@@ -140,6 +149,12 @@ class Runtime:
         self.background.append(asyncio.create_task(self._sweeper(), name="resgov-sweeper"))
         self.background.append(asyncio.create_task(self._heartbeat(), name="resgov-lease-heartbeat"))
         self.background.append(asyncio.create_task(self._watch_policy(), name="resgov-policy-watch"))
+        self.background.append(
+            asyncio.create_task(
+                self.journal.run(self.store, lambda: self.policy.global_.on_expired_reservation),
+                name="resgov-journal-reconcile",
+            )
+        )
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.policies.reload)
@@ -155,6 +170,13 @@ class Runtime:
                 await task
         if self.upstream is not None:
             await self.upstream.close()
+        if self.journal.due:
+            # Book what can be booked now; the rest waits in the file for the next start.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.journal.reconcile(self.store, on_orphan=self.policy.global_.on_expired_reservation), 10
+                )
+        await self.journal.close()
         await self.guard.stop()
         if self.alerts is not None:
             # After the settlements drained (their alerts are emitted), before the store closes.
