@@ -380,13 +380,15 @@ class GovernedPolicy(Policy):
 
     def budget_lines(self, agent: AgentPolicy, now: datetime) -> list[BudgetLine]:
         """Every budget covering a call by ``agent`` now, with overrides, top-ups and resets applied."""
+        if not self.overlay.adjustments and not self.overlay.resets:
+            # Nothing time-dependent to apply: the file policy's per-window cache is exact
+            # (this object is rebuilt whenever the governance snapshot changes).
+            return super().budget_lines(agent, now)
         ts = now.timestamp()
         org = self.orgs.get(agent.org)
         agent_limits = self._limits_at(agent.org, agent.agent_id, agent.budgets, ts)
         org_limits = self._limits_at(agent.org, None, org.budgets if org else {}, ts)
         lines = lines_for(agent.org, agent.agent_id, agent_limits, org_limits, now, self.tz)
-        if not self.overlay.adjustments and not self.overlay.resets:
-            return lines
         out = []
         for line in lines:
             extra = self._topups(line, ts)
