@@ -19,6 +19,7 @@ from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest
+from resgov.providers.openai import json_request
 from resgov.providers.sse import SSESplitter, event_data
 
 #: Largest ``max_tokens`` ResGov forwards (no model comes close; beyond it the value is absurd).
@@ -45,16 +46,6 @@ def messages_path(provider: ProviderPolicy) -> str:
     operators often paste one that does; either way the request lands on ``/v1/messages``.
     """
     return "/messages" if provider.base_url.rstrip("/").endswith("/v1") else "/v1/messages"
-
-
-def _load_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc}", reason="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.", reason="invalid_json")
-    return body
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -193,12 +184,7 @@ def tool_facts(body: dict[str, Any]) -> ToolFacts:
 
 def parse_messages(raw: bytes) -> ParsedRequest:
     """Validate an Anthropic Messages request: 400 for wrong types, 422 for invalid values."""
-    body = _load_object(raw)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(
-            "'model' is required and must be a non-empty string.", reason="invalid_type", param="model"
-        )
+    body, model = json_request(raw)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest(

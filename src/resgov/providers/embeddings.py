@@ -10,22 +10,12 @@ from resgov.core.errors import BadRequest
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, StreamScanner
-from resgov.providers.openai import ChatStreamScanner, usage_from_openai
+from resgov.providers.openai import ChatStreamScanner, json_request, usage_from_openai
 
 
 def parse_embeddings(raw: bytes) -> ParsedRequest:
     """Validate an embeddings request. Token-id inputs are bounded too: each id is at least one byte."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc}", reason="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.", reason="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(
-            "'model' is required and must be a non-empty string.", reason="invalid_type", param="model"
-        )
+    body, model = json_request(raw)
     value = body.get("input")
     if not isinstance(value, str | list) or (isinstance(value, list) and not value):
         raise BadRequest(

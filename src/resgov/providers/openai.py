@@ -64,8 +64,8 @@ def tool_names(tools: Any, tool_choice: Any) -> list[str]:
     return names
 
 
-def parse_chat(raw: bytes) -> ParsedRequest:
-    """Validate what ResGov relies on; everything else is forwarded untouched."""
+def json_request(raw: bytes) -> tuple[dict[str, Any], str]:
+    """The request body as a JSON object and its ``model``: 400 for anything else (every route)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -77,6 +77,12 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         raise BadRequest(
             "'model' is required and must be a non-empty string.", reason="invalid_type", param="model"
         )
+    return body, model
+
+
+def parse_chat(raw: bytes) -> ParsedRequest:
+    """Validate what ResGov relies on; everything else is forwarded untouched."""
+    body, model = json_request(raw)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest(

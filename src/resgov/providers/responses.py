@@ -12,7 +12,7 @@ from resgov.core.errors import BadRequest, Forbidden
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest
-from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, tool_names, usage_from_openai
+from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, json_request, tool_names, usage_from_openai
 from resgov.providers.sse import SSESplitter, event_data
 
 #: Events that end a response; they carry its usage and are held back until settlement.
@@ -23,17 +23,7 @@ _FEE_TOOLS = frozenset({"web_search", "web_search_preview", "file_search", "code
 
 def parse_responses(raw: bytes) -> ParsedRequest:
     """Validate a Responses request and collect what bounds its cost."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc}", reason="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.", reason="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(
-            "'model' is required and must be a non-empty string.", reason="invalid_type", param="model"
-        )
+    body, model = json_request(raw)
     value = body.get("input")
     if value is not None and not isinstance(value, str | list):
         raise BadRequest("'input' must be a string or an array.", reason="invalid_type", param="input")

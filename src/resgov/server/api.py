@@ -33,7 +33,9 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
-def _caller_dep(scope: str) -> Any:
+def caller_dep(scope: str) -> Any:
+    """A FastAPI dependency: the admin token (every org) or an org key holding ``scope``."""
+
     async def dep(
         request: Request,
         x_admin_token: Annotated[str | None, Header()] = None,
@@ -55,7 +57,7 @@ def _caller_dep(scope: str) -> Any:
     return Depends(dep)
 
 
-READ_CALLER = _caller_dep("read")
+READ_CALLER = caller_dep("read")
 
 
 async def admin_only(request: Request, x_admin_token: Annotated[str | None, Header()] = None) -> None:

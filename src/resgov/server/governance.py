@@ -43,7 +43,6 @@ from resgov.core.errors import (
     PayloadTooLarge,
     ResGovError,
     StoreUnavailable,
-    Unauthorized,
 )
 from resgov.core.money import AmountError, parse_amount, to_units
 from resgov.core.overlay import (
@@ -67,8 +66,8 @@ from resgov.ledger.store import (
     SettleRequest,
     StoreError,
 )
-from resgov.server.api import Caller, KeyInfo, _key_info, admin_only, runtime
-from resgov.server.auth import admin_token_matches, agent_for, key_from_headers
+from resgov.server.api import Caller, KeyInfo, _key_info, admin_only, caller_dep, runtime
+from resgov.server.auth import agent_for
 from resgov.server.governance_service import GovernanceService
 from resgov.server.proxy import budget_refusal
 from resgov.server.runtime import Runtime
@@ -513,31 +512,9 @@ def service(request: Request) -> GovernanceService:
     return svc
 
 
-def _caller(*scopes: str) -> Any:
-    """A key with one of ``scopes`` (its org), or the admin token (every org)."""
-
-    async def dep(request: Request, x_admin_token: Annotated[str | None, Header()] = None) -> Caller:
-        rt = runtime(request)
-        if x_admin_token is not None:
-            if not rt.settings.admin_enabled:
-                raise Unauthorized(
-                    "Admin API is disabled: set RESGOV_ADMIN_TOKEN (at least 32 characters).",
-                    reason="admin_disabled",
-                )
-            if not admin_token_matches(rt.settings.admin_token, x_admin_token):
-                raise Unauthorized("Invalid admin token.", reason="invalid_admin_token")
-            return Caller(admin=True, org=None)
-        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
-        key = key_from_headers(headers)
-        record = await rt.keys.authenticate(key, scopes[0])  # 401s, and the first scope's 403
-        return Caller(admin=False, org=record.org, key=record)
-
-    return Depends(dep)
-
-
-PROXY = _caller("proxy")
-READ = _caller("read")
-WRITE = _caller("write")
+PROXY = caller_dep("proxy")
+READ = caller_dep("read")
+WRITE = caller_dep("write")
 ADMIN = [Depends(admin_only)]
 
 
