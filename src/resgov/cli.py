@@ -227,9 +227,13 @@ def keys_revoke(key_id: str, store: StoreOpt = None) -> None:
 
 @store_app.command("migrate")
 def store_migrate(
-    from_url: Annotated[str, typer.Option("--from", help="Source ledger: sqlite:///path.db or redis://host:port/db")],
+    from_url: Annotated[
+        str, typer.Option("--from", help="Source ledger: sqlite:///path.db or redis://host:port/db")
+    ],
     to_url: Annotated[str, typer.Option("--to", help="Destination ledger URL (same forms)")],
-    force: Annotated[bool, typer.Option("--force", help="Replace a destination that already holds data")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a destination that already holds data")
+    ] = False,
 ) -> None:
     """Copy lines, open reservations (lease left kept), audit, API keys and governance; verify counts and sums.
 

@@ -34,7 +34,11 @@ total_budget = 0.02
                 r = await client.post(
                     "/v1/chat/completions",
                     headers={"Authorization": f"Bearer {key}", "X-ResGov-Agent-ID": "burner"},
-                    json={"model": "gpt-sim", "max_tokens": 50, "messages": [{"role": "user", "content": "go"}]},
+                    json={
+                        "model": "gpt-sim",
+                        "max_tokens": 50,
+                        "messages": [{"role": "user", "content": "go"}],
+                    },
                 )
                 assert r.status_code == 200
             got = await receiver.wait_for(1)

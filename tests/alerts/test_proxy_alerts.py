@@ -67,6 +67,8 @@ async def test_budget_alerts_from_proxied_calls(tmp_path: Path, sim: Any, receiv
     assert overage["data"]["charged"] > overage["data"]["reserved"]
     assert hook.secret is not None
     assert all(verify_resgov_signature(hook.secret, r.headers["X-ResGov-Signature"], r.body) for r in reqs)
-    delivered = re.search(r'resgov_alert_deliveries_total\{outcome="delivered",type="generic"\} (\d+)\.0', text)
+    delivered = re.search(
+        r'resgov_alert_deliveries_total\{outcome="delivered",type="generic"\} (\d+)\.0', text
+    )
     assert delivered is not None and int(delivered.group(1)) >= 3
     assert 'resgov_reservations_total{outcome="overage"} 1.0' in text

@@ -108,7 +108,9 @@ def url_of(store: RedisStore) -> str:
 
 
 @contextlib.contextmanager
-def instances(tmp_path: Path, policy: str, store_url: str, n: int = 3) -> Iterator[list[tuple[Any, str, Path]]]:
+def instances(
+    tmp_path: Path, policy: str, store_url: str, n: int = 3
+) -> Iterator[list[tuple[Any, str, Path]]]:
     """``n`` ``resgov serve`` processes on their own loopback ports, one ledger: (process, url, log)."""
     with contextlib.ExitStack() as stack:
         out = []
@@ -228,7 +230,10 @@ async def test_three_instances_enforce_one_agent_and_one_org_budget_exactly(
     assert sum(e.actual for e in audit if e.agent == "alpha") == alpha.spent
     assert sum(e.actual for e in audit if e.agent == "beta") == beta.spent
     assert sum(e.actual for e in audit) == org.spent
-    assert dict(totals.audit_actual_by_agent) == {("acme", "alpha"): alpha.spent, ("acme", "beta"): beta.spent}
+    assert dict(totals.audit_actual_by_agent) == {
+        ("acme", "alpha"): alpha.spent,
+        ("acme", "beta"): beta.spent,
+    }
 
 
 # -- kill -9 one instance mid-stream ---------------------------------------------------------------
@@ -305,7 +310,9 @@ async def test_kill9_one_instance_mid_stream_its_leases_expire_once_through_anot
             (victim, victim_url, _), (_, b_url, b_log), (_, _, c_log) = procs
             key = make_key(b_url, "default")
             # On the victim: headers and the first chunk, then the provider goes quiet for 30 s.
-            doomed = await asyncio.to_thread(start_streams, victim_url, key, 4, {"x-sim-chunk-delay-ms": "30000"})
+            doomed = await asyncio.to_thread(
+                start_streams, victim_url, key, 4, {"x-sim-chunk-delay-ms": "30000"}
+            )
             # On a survivor: streams longer than the TTL that must finish normally (leases renewed).
             living = await asyncio.to_thread(start_streams, b_url, key, 2, {"x-sim-chunk-delay-ms": "200"})
             reserved_at = time.monotonic()
@@ -328,7 +335,9 @@ async def test_kill9_one_instance_mid_stream_its_leases_expire_once_through_anot
                     break
                 await asyncio.sleep(0.05)
             settled_at = time.monotonic()
-            assert await doomed_settled(), "the dead instance's reservations were not settled within TTL + 5 s"
+            assert await doomed_settled(), (
+                "the dead instance's reservations were not settled within TTL + 5 s"
+            )
             assert settled_at >= reserved_at + TTL - 0.5, "settled before the lease ran out"
             for s in living:
                 await asyncio.to_thread(s.join, 30)

@@ -101,7 +101,9 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 def policy(sim: SimUpstreamThread, action: str) -> str:
-    return policy_for(sim.base_url, AGENTS, f'fail_safe_action = "{action}"\nreservation_ttl_seconds = {TTL:g}')
+    return policy_for(
+        sim.base_url, AGENTS, f'fail_safe_action = "{action}"\nreservation_ttl_seconds = {TTL:g}'
+    )
 
 
 def make_key(url: str) -> str:
@@ -180,9 +182,12 @@ async def test_deny_refuses_with_503_and_never_calls_upstream_until_redis_is_bac
     store_url = f"{own_redis.url}?prefix=outage-deny"
     # (A settlement the store refuses mid-call may be journaled: keep that file in the test's dir.)
     env = {"RESGOV_STORE": store_url, "RESGOV_JOURNAL": str(tmp_path / "journal.jsonl")}
-    with SimUpstreamThread(SimConfig()) as sim, resgov_process(tmp_path, policy(sim, "deny"), env=env) as (
-        _proc,
-        url,
+    with (
+        SimUpstreamThread(SimConfig()) as sim,
+        resgov_process(tmp_path, policy(sim, "deny"), env=env) as (
+            _proc,
+            url,
+        ),
     ):
         key = make_key(url)
         first = await asyncio.to_thread(call, url, key, 0)
@@ -247,9 +252,12 @@ async def test_allow_lets_calls_through_journals_them_and_books_them_once_when_r
     store_url = f"{own_redis.url}?prefix=outage-allow"
     journal = tmp_path / "journal.jsonl"
     env = {"RESGOV_STORE": store_url, "RESGOV_JOURNAL": str(journal)}
-    with SimUpstreamThread(SimConfig()) as sim, resgov_process(tmp_path, policy(sim, "allow"), env=env) as (
-        _proc,
-        url,
+    with (
+        SimUpstreamThread(SimConfig()) as sim,
+        resgov_process(tmp_path, policy(sim, "allow"), env=env) as (
+            _proc,
+            url,
+        ),
     ):
         key = make_key(url)
         first = await asyncio.to_thread(call, url, key, 0)
@@ -297,7 +305,11 @@ async def test_allow_lets_calls_through_journals_them_and_books_them_once_when_r
     for rid in ids:
         row = audit[rid]
         assert row.actual == costs[rid] and row.reserved == 0, row
-        assert row.detail is not None and row.detail.get("fail_open") is True and row.detail.get("reconciled") is True
+        assert (
+            row.detail is not None
+            and row.detail.get("fail_open") is True
+            and row.detail.get("reconciled") is True
+        )
     assert spent == spent_before + sum(costs.values()) + cost_of(after)
     assert spent == sum(e.actual for e in audit.values())
     assert (reserved, open_count) == (0, 0)

@@ -103,7 +103,9 @@ async def test_calls_are_booked_once_on_every_line_even_above_the_limit(
     assert journal.stats.fail_open_calls == 3 and journal.pending == 3 and journal.due == 0
     usage = Usage(input_tokens=10, output_tokens=20)
     await journal.close_call(calls[0], 1_500, usage=usage, http_status=200, upstream_request_id="up-0")
-    await journal.close_call(calls[1], 700, status="estimated", estimated=True, reason="no_usage", http_status=200)
+    await journal.close_call(
+        calls[1], 700, status="estimated", estimated=True, reason="no_usage", http_status=200
+    )
     await journal.close_call(calls[2], 0, status="upstream_error", reason="upstream_500", http_status=500)
     await journal.close_call(calls[2], 999)  # a second close is ignored
     assert [r["t"] for r in records(path)] == ["open"] * 3 + ["close"] * 3
@@ -111,7 +113,13 @@ async def test_calls_are_booked_once_on_every_line_even_above_the_limit(
 
     report = await journal.reconcile(store)
 
-    assert (report.booked, report.settled, report.already, report.remaining, report.error) == (3, 0, 0, 0, None)
+    assert (report.booked, report.settled, report.already, report.remaining, report.error) == (
+        3,
+        0,
+        0,
+        0,
+        None,
+    )
     after = await spent(store)
     assert after == {k: LineState(s.spent + 2_200, s.reserved) for k, s in start.items()}
     assert (KEYS[0], ORG) in {(key, org) for org, key, _, _ in report.over_limit}  # 11 200 > 10 000
@@ -119,9 +127,15 @@ async def test_calls_are_booked_once_on_every_line_even_above_the_limit(
     first = rows["fo-0"]
     assert (first.status, first.actual, first.reserved, first.http_status) == ("completed", 1_500, 0, 200)
     assert (first.input_tokens, first.output_tokens, first.upstream_request_id) == (10, 20, "up-0")
-    assert first.detail is not None and first.detail["fail_open"] is True and first.detail["reconciled"] is True
+    assert (
+        first.detail is not None and first.detail["fail_open"] is True and first.detail["reconciled"] is True
+    )
     assert first.detail["bound"] == 5_000
-    assert (rows["fo-1"].status, rows["fo-1"].estimated, rows["fo-1"].reason) == ("estimated", True, "no_usage")
+    assert (rows["fo-1"].status, rows["fo-1"].estimated, rows["fo-1"].reason) == (
+        "estimated",
+        True,
+        "no_usage",
+    )
     assert (rows["fo-2"].status, rows["fo-2"].actual) == ("upstream_error", 0)
     totals = await store.totals()
     assert totals.audit_actual_by_agent[(ORG, AGENT)] == 9_000 + 2_200
@@ -289,7 +303,9 @@ async def test_a_settlement_the_store_refused_is_journaled_and_applied_with_the_
     await journal.close()
 
 
-async def test_writes_are_durable_and_group_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_writes_are_durable_and_group_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "journal.jsonl"
     synced: list[int] = []
     real_fsync = os.fsync
@@ -308,7 +324,9 @@ async def test_writes_are_durable_and_group_committed(tmp_path: Path, monkeypatc
     await journal.close()
 
 
-async def test_a_torn_last_record_is_dropped_and_appends_continue_cleanly(tmp_path: Path, store: Store) -> None:
+async def test_a_torn_last_record_is_dropped_and_appends_continue_cleanly(
+    tmp_path: Path, store: Store
+) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(str(path))
     await journal.open()

@@ -113,7 +113,9 @@ async def populate(store: Store, seed: int, *, short_lease: bool = False) -> dic
     assert await store.revoke_api_key("beta.org", "key_b1")
     # Orgs, agents and budget settings registered through the API (governance records).
     for record in (
-        GovRecord("acme", "agent", "newbot", {"daily_budget": "1.50", "allowed_models": ["gpt-sim"]}, now - 3),
+        GovRecord(
+            "acme", "agent", "newbot", {"daily_budget": "1.50", "allowed_models": ["gpt-sim"]}, now - 3
+        ),
         GovRecord("acme", "budget", "o:daily", {"limit": "12.00"}, now - 2),
         GovRecord("beta.org", "org", "beta.org", {"name": "Beta"}, now - 1),
     ):
@@ -249,7 +251,9 @@ async def test_open_reservations_keep_their_lease_and_settle_once_on_the_destina
         assert first.reserved == res.amount and first.charged == 123
         after = await dst.line_states(res.org, keys)
         assert after == {k: LineState(s.spent + 123, s.reserved - res.amount) for k, s in before.items()}
-        entry = next(e for _, e in await dst.audit(AuditQuery(org=res.org, limit=10_000)) if e.request_id == rid)
+        entry = next(
+            e for _, e in await dst.audit(AuditQuery(org=res.org, limit=10_000)) if e.request_id == rid
+        )
         assert (entry.status, entry.actual, entry.reserved) == ("completed", 123, res.amount)
     finally:
         await dst.close()
@@ -384,7 +388,9 @@ async def test_cli_migrate_prints_the_figures_and_check_passes(urls: Callable[[s
     assert r.returncode == 0, r.stdout + r.stderr
     assert "migration verified" in r.stdout and "MISMATCH" not in r.stdout
     spent = sum(s.spent for s in expected.values())
-    assert any(row.startswith("(all)") and " spent " in row and str(spent) in row for row in r.stdout.splitlines())
+    assert any(
+        row.startswith("(all)") and " spent " in row and str(spent) in row for row in r.stdout.splitlines()
+    )
     again = await asyncio.to_thread(_cli, "migrate", "--from", src_url, "--to", dst_url)
     assert again.returncode == 2 and "not empty" in again.stderr
     ok = await asyncio.to_thread(_cli, "check", "--store", dst_url)

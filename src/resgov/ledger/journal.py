@@ -521,7 +521,9 @@ class Journal:
         """
         async with self._reconciling:
             due = [
-                c for c in self._calls.values() if (c.closed or not c.live) and c.request_id not in self._poisoned
+                c
+                for c in self._calls.values()
+                if (c.closed or not c.live) and c.request_id not in self._poisoned
             ]
             counts = {"booked": 0, "settled": 0, "already": 0}
             error: str | None = None

@@ -102,7 +102,9 @@ class Snapshot:
     def orgs(self) -> list[str]:
         """Every org with any data."""
         found = {r.org for r in self.lines} | {r.org for r in self.reservations}
-        found |= {e.org for _, e in self.audit} | {k.org for k in self.keys} | {g.org for g in self.governance}
+        found |= (
+            {e.org for _, e in self.audit} | {k.org for k in self.keys} | {g.org for g in self.governance}
+        )
         return sorted(found)
 
     def is_empty(self) -> bool:
@@ -171,7 +173,9 @@ def _sqlite_read(path: str) -> Snapshot:
         snap = Snapshot("sqlite")
         snap.lines = [
             LineRow(o, k, s, r)
-            for o, k, s, r in conn.execute("SELECT org, key, spent, reserved FROM budget_line ORDER BY org, key")
+            for o, k, s, r in conn.execute(
+                "SELECT org, key, spent, reserved FROM budget_line ORDER BY org, key"
+            )
         ]
         now = time.time()
         snap.reservations = [
@@ -186,7 +190,9 @@ def _sqlite_read(path: str) -> Snapshot:
         ]
         snap.keys = [
             SQLiteStore._key_from_row(row)
-            for row in conn.execute(f"SELECT {SQLiteStore._KEY_COLS} FROM api_key ORDER BY created_at, key_id")
+            for row in conn.execute(
+                f"SELECT {SQLiteStore._KEY_COLS} FROM api_key ORDER BY created_at, key_id"
+            )
         ]
         conn.execute("COMMIT")
         return snap
@@ -205,7 +211,9 @@ def _sqlite_write(path: str, snap: Snapshot, force: bool) -> None:
             tables = ("budget_line", "reservation", "audit", "api_key")
             rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables)
             if rows and not force:
-                raise MigrationError(f"destination {path} is not empty ({rows} rows); use --force to replace it")
+                raise MigrationError(
+                    f"destination {path} is not empty ({rows} rows); use --force to replace it"
+                )
             for table in tables:
                 conn.execute(f"DELETE FROM {table}")
             conn.executemany(
@@ -444,7 +452,9 @@ def compare(src: Snapshot, dst: Snapshot) -> list[str]:
         if other is None:
             continue
         if abs(other.lease_left - r.lease_left) > _LEASE_SLACK_SECONDS:
-            problems.append(f"reservation {r.id}: lease left {other.lease_left:.1f}s, source {r.lease_left:.1f}s")
+            problems.append(
+                f"reservation {r.id}: lease left {other.lease_left:.1f}s, source {r.lease_left:.1f}s"
+            )
         if abs(other.created_at - r.created_at) > 0.002:
             problems.append(f"reservation {r.id}: created_at {other.created_at}, source {r.created_at}")
     src_audit = {e.request_id: _norm_entry(e) for _, e in src.audit}

@@ -174,7 +174,8 @@ class Runtime:
             # Book what can be booked now; the rest waits in the file for the next start.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
-                    self.journal.reconcile(self.store, on_orphan=self.policy.global_.on_expired_reservation), 10
+                    self.journal.reconcile(self.store, on_orphan=self.policy.global_.on_expired_reservation),
+                    10,
                 )
         await self.journal.close()
         await self.guard.stop()
