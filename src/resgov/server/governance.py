@@ -452,7 +452,8 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
             raise PayloadTooLarge(
                 f"Request body larger than {MAX_BODY_BYTES} bytes.", reason="request_too_large"
             )
-    if not raw.strip() and optional:
+    if not raw and optional:
+        # Only a truly absent body means "no options"; whitespace is not JSON (400 below).
         raw = b"{}"
     try:
         data = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
