@@ -10,67 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import redis
-import redis.asyncio as aioredis
 from aiohttp import web
 
-REDIS_URL = os.environ.get("RESGOV_TEST_ALERTS_REDIS_URL", "redis://127.0.0.1:6379/13")
-_probe: list[str | None] = []
+from tests.redis_support import TestRedis
 
-
-def _redis_problem() -> str | None:
-    if not _probe:
-        try:
-            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-            try:
-                client.ping()
-            finally:
-                client.close()
-            _probe.append(None)
-        except redis.RedisError as exc:
-            _probe.append(f"{type(exc).__name__}: {exc}")
-    return _probe[0]
-
-
-def require_redis() -> None:
-    """Skip (or, under CI=true, fail) when the test Redis does not answer."""
-    problem = _redis_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable ({problem}); Redis alerts are untested")
-    pytest.skip(
-        f"!!! REDIS UNAVAILABLE at {REDIS_URL} ({problem}): the Redis alert store was NOT tested. "
-        "Start redis-server on 127.0.0.1:6379 to run it."
-    )
-
-
-async def delete_prefix(prefix: str) -> None:
-    """Delete every key a store (ledger or alerts) with ``prefix`` may have created."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=500)]
-            for i in range(0, len(keys), 500):
-                await client.delete(*keys[i : i + 500])
-    finally:
-        await client.aclose()
+REDIS = TestRedis("RESGOV_TEST_ALERTS_REDIS_URL", "redis://127.0.0.1:6379/13", "the Redis alert store was")
+REDIS_URL = REDIS.url
+require_redis = REDIS.require
+delete_prefix = REDIS.delete_prefix
 
 
 @pytest_asyncio.fixture
 async def redis_prefix() -> AsyncIterator[str]:
     """A fresh key prefix on the test Redis, cleaned up afterwards."""
     require_redis()
-    prefix = "rgtest-alerts-" + uuid.uuid4().hex[:12]
+    prefix = REDIS.new_prefix("rgtest-alerts")
     try:
         yield prefix
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import re
 import signal
@@ -25,8 +24,6 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
-import redis
-import redis.asyncio as aioredis
 
 from resgov.core.budget import LineState
 from resgov.core.money import parse_amount
@@ -34,10 +31,14 @@ from resgov.ledger.redis import RedisStore
 from resgov.ledger.store import AuditEntry, AuditQuery
 from resgov.simulator.upstream import SimConfig, SimUpstreamThread
 from tests.helpers import ADMIN_TOKEN, policy_for, resgov_process, sim_chat_count
+from tests.redis_support import TestRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
-REDIS_URL = os.environ.get("RESGOV_TEST_REDIS_E2E_URL", "redis://127.0.0.1:6379/12")
+REDIS = TestRedis("RESGOV_TEST_REDIS_E2E_URL", "redis://127.0.0.1:6379/12", "the multi-instance tests were")
+REDIS_URL = REDIS.url
+require_redis = REDIS.require
+delete_prefix = REDIS.delete_prefix
 N_REQUESTS = 600
 MESSAGE_RE = re.compile(
     r"^(Total|Org total) budget exceeded\. Limit: \$[0-9.]+, Spent: \$[0-9.]+, Required: \$[0-9.]+$"
@@ -59,34 +60,6 @@ total_budget = 10
 """
 ALPHA_LIMIT, ORG_LIMIT = parse_amount("0.25"), parse_amount("0.40")
 LINES = {"alpha": "a:alpha:total:0", "beta": "a:beta:total:0", "org": "o:total:0"}
-
-
-def require_redis() -> None:
-    """Skip loudly without Redis, or fail under CI=true (a CI run must never skip the Redis half)."""
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as exc:
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable ({exc}); multi-instance untested")
-        pytest.skip(
-            f"!!! REDIS UNAVAILABLE at {REDIS_URL} ({exc}): the multi-instance tests did NOT run. "
-            "Start redis-server on 127.0.0.1:6379 to run them."
-        )
-
-
-async def delete_prefix(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1_000)]
-            for start in range(0, len(keys), 500):
-                await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
 
 
 @pytest_asyncio.fixture

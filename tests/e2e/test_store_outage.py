@@ -8,7 +8,6 @@ ledger back), kills it mid-run and restarts it. The machine's shared Redis is ne
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from resgov.ledger.redis import RedisStore
 from resgov.ledger.store import AuditEntry, AuditQuery
 from resgov.simulator.upstream import SimConfig, SimUpstreamThread
 from tests.helpers import ADMIN_TOKEN, free_port, policy_for, resgov_process, sim_chat_count, sim_cost
+from tests.redis_support import in_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -45,7 +45,7 @@ class OwnRedis:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            if in_ci():
                 pytest.fail("CI=true but redis-server is not installed; the store-outage tests cannot run")
             pytest.skip("!!! redis-server NOT INSTALLED: the store-outage tests did NOT run.")
         self.binary = binary

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-import redis.asyncio as aioredis
 
 from resgov.core.policy import Policy
 from resgov.server.governance import install
 from resgov.server.governance_service import GovernanceService
 from resgov.server.runtime import Runtime
 from tests.helpers import ADMIN_TOKEN, Proxy
+from tests.redis_support import TestRedis
 
 #: The governance suites' Redis database (the ledger contract suite uses 15).
-REDIS_URL = os.environ.get("RESGOV_TEST_GOV_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS = TestRedis("RESGOV_TEST_GOV_REDIS_URL", "redis://127.0.0.1:6379/11", "the Redis backend was")
+REDIS_URL = REDIS.url
+require_redis = REDIS.require
+delete_prefix = REDIS.delete_prefix
 ADMIN = {"X-Admin-Token": ADMIN_TOKEN}
 
 
@@ -68,39 +68,5 @@ class GovProxy(Proxy):
         return httpx.delete(f"{self.url}{path}", headers=headers, timeout=30)
 
 
-def redis_problem() -> str | None:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def require_redis() -> None:
-    """Skip without Redis; under CI=true a missing Redis fails (half the backends untested)."""
-    problem = redis_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable ({problem})")
-    pytest.skip(f"!!! REDIS UNAVAILABLE at {REDIS_URL} ({problem}): the Redis backend was NOT tested")
-
-
 def new_prefix() -> str:
-    return "rggov-" + uuid.uuid4().hex[:12]
-
-
-async def delete_prefix(prefix: str) -> None:
-    """Delete every key a RedisStore with ``prefix`` can have created."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=500)]
-            for i in range(0, len(keys), 500):
-                await client.delete(*keys[i : i + 500])
-    finally:
-        await client.aclose()
+    return REDIS.new_prefix("rggov")

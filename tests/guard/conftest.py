@@ -8,70 +8,26 @@ under ``CI=true``, where it fails: CI must never pass with the shared state unch
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import pytest_asyncio
-import redis
-import redis.asyncio as aioredis
 
 from resgov.guard.memory import MemoryGuardState
 from resgov.guard.redis import RedisGuardState
 from resgov.guard.state import GuardState
+from tests.redis_support import TestRedis
 
-REDIS_URL = os.environ.get("RESGOV_TEST_GUARD_REDIS_URL", "redis://127.0.0.1:6379/14")
-_probe: list[str | None] = []
-
-
-def _redis_problem() -> str | None:
-    if not _probe:
-        try:
-            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-            try:
-                client.ping()
-            finally:
-                client.close()
-            _probe.append(None)
-        except redis.RedisError as exc:
-            _probe.append(f"{type(exc).__name__}: {exc}")
-    return _probe[0]
-
-
-def require_redis() -> None:
-    """Skip (or, under CI=true, fail) when the test Redis does not answer."""
-    problem = _redis_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(
-            f"CI=true but Redis at {REDIS_URL} is unreachable ({problem}); the Redis guard is untested"
-        )
-    pytest.skip(
-        f"!!! REDIS UNAVAILABLE at {REDIS_URL} ({problem}): the shared guard state was NOT tested. "
-        "Start redis-server on 127.0.0.1:6379 to run it."
-    )
+REDIS = TestRedis("RESGOV_TEST_GUARD_REDIS_URL", "redis://127.0.0.1:6379/14", "the shared guard state was")
+REDIS_URL = REDIS.url
+require_redis = REDIS.require
+delete_prefix = REDIS.delete_prefix
 
 
 def new_prefix() -> str:
     """A key prefix no other test (or test run) uses."""
-    return "rgguard-" + uuid.uuid4().hex[:12]
-
-
-async def delete_prefix(prefix: str) -> int:
-    """Delete every key under ``prefix`` (the guard's keys all sit under ``{prefix:org}``)."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    deleted = 0
-    try:
-        for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-            keys = [key async for key in client.scan_iter(match=pattern, count=500)]
-            for i in range(0, len(keys), 500):
-                deleted += await client.delete(*keys[i : i + 500])
-    finally:
-        await client.aclose()
-    return deleted
+    return REDIS.new_prefix("rgguard")
 
 
 class FakeClock:

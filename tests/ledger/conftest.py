@@ -8,75 +8,26 @@ where it fails: a CI run must never pass with half of the contract unchecked.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import redis
-import redis.asyncio as aioredis
 
 from resgov.ledger.redis import RedisStore
 from resgov.ledger.sqlite import SQLiteStore
 from resgov.ledger.store import Store
+from tests.redis_support import TestRedis
 
-REDIS_URL = os.environ.get("RESGOV_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-_probe: list[str | None] = []  # memoised reachability (one probe per test session)
-
-
-def _redis_problem() -> str | None:
-    if not _probe:
-        try:
-            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-            try:
-                client.ping()
-            finally:
-                client.close()
-            _probe.append(None)
-        except redis.RedisError as exc:
-            _probe.append(f"{type(exc).__name__}: {exc}")
-    return _probe[0]
-
-
-def require_redis() -> None:
-    """Skip (or, under CI=true, fail) when the test Redis does not answer."""
-    problem = _redis_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(
-            f"CI=true but Redis at {REDIS_URL} is unreachable ({problem}); the Redis ledger is untested"
-        )
-    pytest.skip(
-        f"!!! REDIS UNAVAILABLE at {REDIS_URL} ({problem}): the Redis backend was NOT tested. "
-        "Start redis-server on 127.0.0.1:6379 to run it."
-    )
-
-
-async def delete_prefix(prefix: str) -> int:
-    """Delete every key a RedisStore with ``prefix`` can have created (tagged and global ones)."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    deleted = 0
-    try:
-        for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-            batch: list[str] = []
-            async for key in client.scan_iter(match=pattern, count=500):
-                batch.append(key)
-                if len(batch) >= 500:
-                    deleted += await client.delete(*batch)
-                    batch.clear()
-            if batch:
-                deleted += await client.delete(*batch)
-    finally:
-        await client.aclose()
-    return deleted
+REDIS = TestRedis("RESGOV_TEST_REDIS_URL", "redis://127.0.0.1:6379/15", "the Redis ledger backend was")
+REDIS_URL = REDIS.url
+require_redis = REDIS.require
+delete_prefix = REDIS.delete_prefix
 
 
 def new_prefix() -> str:
     """A key prefix no other test (or test run) uses."""
-    return "rgtest-" + uuid.uuid4().hex[:12]
+    return REDIS.new_prefix("rgtest")
 
 
 @pytest_asyncio.fixture
