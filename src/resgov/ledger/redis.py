@@ -701,6 +701,25 @@ class RedisStore:
         )
         return _score_pairs(raw)
 
+    async def _matching(
+        self, org: str, pairs: list[tuple[str, int]], query: AuditQuery
+    ) -> list[tuple[int, AuditEntry]]:
+        """One page of an org's audit index, read and filtered (status, time range), in page order."""
+        hashes = await self._execute([("HGETALL", self._audit_key(org, rid)) for rid, _ in pairs])
+        out: list[tuple[int, AuditEntry]] = []
+        for (_, seq), h in zip(pairs, hashes, strict=True):
+            if "entry" not in h:
+                continue
+            entry = _audit_from_hash(h)
+            if query.status is not None and entry.status != query.status:
+                continue
+            if query.since is not None and entry.started_at < query.since:
+                continue
+            if query.until is not None and entry.started_at >= query.until:
+                continue
+            out.append((seq, entry))
+        return out
+
     async def _audit_org(self, org: str, query: AuditQuery, want: int) -> list[tuple[int, str, AuditEntry]]:
         index = self._auditlog(org, query.agent)
         low = f"({query.after_seq}"
@@ -709,17 +728,7 @@ class RedisStore:
             pairs = await self._log_page(index, low)
             if not pairs:
                 break
-            hashes = await self._execute([("HGETALL", self._audit_key(org, rid)) for rid, _ in pairs])
-            for (_, seq), h in zip(pairs, hashes, strict=True):
-                if "entry" not in h:
-                    continue
-                entry = _audit_from_hash(h)
-                if query.status is not None and entry.status != query.status:
-                    continue
-                if query.since is not None and entry.started_at < query.since:
-                    continue
-                if query.until is not None and entry.started_at >= query.until:
-                    continue
+            for seq, entry in await self._matching(org, pairs, query):
                 out.append((seq, org, entry))
                 if len(out) >= want:
                     return out
@@ -956,17 +965,7 @@ class RedisStore:
             pairs = _score_pairs(raw)
             if not pairs:
                 break
-            hashes = await self._execute([("HGETALL", self._audit_key(org, rid)) for rid, _ in pairs])
-            for (_, seq), h in zip(pairs, hashes, strict=True):
-                if "entry" not in h:
-                    continue
-                entry = _audit_from_hash(h)
-                if query.status is not None and entry.status != query.status:
-                    continue
-                if query.since is not None and entry.started_at < query.since:
-                    continue
-                if query.until is not None and entry.started_at >= query.until:
-                    continue
+            for seq, entry in await self._matching(org, pairs, query):
                 out.append((seq, org, entry))
                 if len(out) >= want:
                     return out

@@ -538,10 +538,15 @@ class SQLiteStore:
         """Wait until everything queued so far has committed."""
         await self._write(lambda c, now: None)
 
-    async def audit(self, query: AuditQuery) -> list[tuple[int, AuditEntry]]:
-        """Audit entries, oldest first, after ``after_seq``, filtered."""
+    async def _audit_rows(
+        self, query: AuditQuery, before_seq: int | None, newest_first: bool
+    ) -> list[tuple[int, AuditEntry]]:
+        """The audit query both orders share: after ``after_seq``, below ``before_seq``, filtered."""
         sql = f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE seq > ?"
         args: list[Any] = [query.after_seq]
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
         for column, value in (("org", query.org), ("agent", query.agent), ("status", query.status)):
             if value is not None:
                 sql += f" AND {column} = ?"
@@ -552,10 +557,14 @@ class SQLiteStore:
         if query.until is not None:
             sql += " AND started_at < ?"
             args.append(query.until)
-        sql += " ORDER BY seq LIMIT ?"
+        sql += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
         args.append(query.limit)
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         return [(row[0], _audit_from_row(row[1:])) for row in rows]
+
+    async def audit(self, query: AuditQuery) -> list[tuple[int, AuditEntry]]:
+        """Audit entries, oldest first, after ``after_seq``, filtered."""
+        return await self._audit_rows(query, None, newest_first=False)
 
     async def totals(self) -> LedgerTotals:
         """Whole-ledger sums (tests and ``resgov store check``)."""
@@ -794,25 +803,7 @@ class SQLiteStore:
 
     async def audit_desc(self, query: AuditQuery, before_seq: int | None) -> list[tuple[int, AuditEntry]]:
         """Newest first, below ``before_seq``, filtered like :meth:`audit`."""
-        sql = f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE seq > ?"
-        args: list[Any] = [query.after_seq]
-        if before_seq is not None:
-            sql += " AND seq < ?"
-            args.append(before_seq)
-        for column, value in (("org", query.org), ("agent", query.agent), ("status", query.status)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                args.append(value)
-        if query.since is not None:
-            sql += " AND started_at >= ?"
-            args.append(query.since)
-        if query.until is not None:
-            sql += " AND started_at < ?"
-            args.append(query.until)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(query.limit)
-        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
-        return [(row[0], _audit_from_row(row[1:])) for row in rows]
+        return await self._audit_rows(query, before_seq, newest_first=True)
 
     async def purge_audit(self, org: str | None, before: float) -> int:
         """Delete old finished records in bounded chunks (one long delete would stall the writer)."""
