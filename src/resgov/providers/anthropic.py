@@ -18,7 +18,7 @@ from resgov.core.bounds import string_bytes
 from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
-from resgov.providers.base import Format, ParsedRequest
+from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import json_request
 from resgov.providers.sse import SSESplitter, event_data
 
@@ -499,7 +499,7 @@ def upstream_messages_body(body: dict[str, Any], cap: int, upstream_model: str) 
     return orjson.dumps(out)
 
 
-class Messages:
+class Messages(PassThrough):
     """``/v1/messages`` to an Anthropic-format upstream: forwarded, barely rewritten."""
 
     client_format: Format = "anthropic"
@@ -522,14 +522,6 @@ class Messages:
     def content_bytes(self, response: Any) -> int:
         """Generated text, thinking and tool input of the message."""
         return response_content_bytes(response)
-
-    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
-        """Unchanged: same format on both sides."""
-        return raw
-
-    def client_error(self, status: int, raw: bytes) -> bytes:
-        """Unchanged: same format on both sides."""
-        return raw
 
     def scanner(self, req: ParsedRequest) -> MessagesStreamScanner:
         """A fresh scanner for one stream."""

@@ -102,3 +102,15 @@ class Adapter(Protocol):
 
     def scanner(self, req: ParsedRequest) -> StreamScanner:
         """A fresh stream scanner for one call."""
+
+
+class PassThrough:
+    """For adapters whose client and upstream speak the same format: answers go back as they came."""
+
+    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
+        """Unchanged: same format on both sides."""
+        return raw
+
+    def client_error(self, status: int, raw: bytes) -> bytes:
+        """Unchanged: same format on both sides."""
+        return raw

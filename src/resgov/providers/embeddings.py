@@ -9,7 +9,7 @@ import orjson
 from resgov.core.errors import BadRequest
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
-from resgov.providers.base import Format, ParsedRequest, StreamScanner
+from resgov.providers.base import Format, ParsedRequest, PassThrough, StreamScanner
 from resgov.providers.openai import ChatStreamScanner, json_request, usage_from_openai
 
 
@@ -29,7 +29,7 @@ def parse_embeddings(raw: bytes) -> ParsedRequest:
     return ParsedRequest(body=body, model=model, message_count=count, raw_size=len(raw), has_output=False)
 
 
-class Embeddings:
+class Embeddings(PassThrough):
     """``/v1/embeddings`` to an OpenAI-compatible upstream."""
 
     client_format: Format = "openai"
@@ -53,14 +53,6 @@ class Embeddings:
     def content_bytes(self, response: Any) -> int:
         """Embeddings generate no tokens."""
         return 0
-
-    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
-        """Unchanged."""
-        return raw
-
-    def client_error(self, status: int, raw: bytes) -> bytes:
-        """Unchanged."""
-        return raw
 
     def scanner(self, req: ParsedRequest) -> StreamScanner:
         """Never used (parse refuses ``stream``); present to satisfy the protocol."""

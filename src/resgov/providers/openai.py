@@ -12,7 +12,7 @@ from resgov.core.bounds import string_bytes
 from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
-from resgov.providers.base import Format, ParsedRequest
+from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.sse import SSESplitter, event_data
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
@@ -273,7 +273,7 @@ def is_openai(provider: ProviderPolicy) -> bool:
     return provider.name == "openai" or "api.openai.com" in provider.base_url
 
 
-class ChatCompletions:
+class ChatCompletions(PassThrough):
     """``/v1/chat/completions`` to an OpenAI-compatible upstream: forwarded, barely rewritten."""
 
     client_format: Format = "openai"
@@ -296,14 +296,6 @@ class ChatCompletions:
     def content_bytes(self, response: Any) -> int:
         """Generated text, tool arguments and refusals of every choice."""
         return response_content_bytes(response)
-
-    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
-        """Unchanged: same format on both sides."""
-        return raw
-
-    def client_error(self, status: int, raw: bytes) -> bytes:
-        """Unchanged: same format on both sides."""
-        return raw
 
     def scanner(self, req: ParsedRequest) -> ChatStreamScanner:
         """Strips the usage chunk ResGov asked for when the client did not."""

@@ -11,7 +11,7 @@ from resgov.core.bounds import string_bytes
 from resgov.core.errors import BadRequest, Forbidden
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
-from resgov.providers.base import Format, ParsedRequest
+from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, json_request, tool_names, usage_from_openai
 from resgov.providers.sse import SSESplitter, event_data
 
@@ -126,7 +126,7 @@ class ResponsesStreamScanner:
         )
 
 
-class Responses:
+class Responses(PassThrough):
     """``/v1/responses`` to OpenAI."""
 
     client_format: Format = "openai"
@@ -151,14 +151,6 @@ class Responses:
     def content_bytes(self, response: Any) -> int:
         """Every string in ``output`` (text, tool arguments, reasoning summaries)."""
         return string_bytes(response.get("output")) if isinstance(response, dict) else 0
-
-    def client_body(self, raw: bytes, response: Any, req: ParsedRequest) -> bytes:
-        """Unchanged."""
-        return raw
-
-    def client_error(self, status: int, raw: bytes) -> bytes:
-        """Unchanged."""
-        return raw
 
     def scanner(self, req: ParsedRequest) -> ResponsesStreamScanner:
         """A fresh scanner."""
