@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MIN_ADMIN_TOKEN = 32
 
@@ -28,7 +28,6 @@ class Settings:
     journal_path: str | None = None
     #: How often budgets are checked for predicted exhaustion (forecast.exhaustion alerts).
     forecast_interval: float = 60.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def admin_enabled(self) -> bool:

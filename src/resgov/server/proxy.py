@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -153,8 +153,6 @@ class Settler:
     rid: str
     plan: Plan
     outcome: SettleOutcome | None = None
-    usage: Usage | None = None
-    headers: Headers = field(default_factory=list)
     #: The guard's admission of this call (None when no guard applies to the agent or its org).
     ticket: Ticket | None = None
     #: Set when the call runs unreserved (store unreachable, fail_safe_action = allow): its cost
@@ -195,7 +193,6 @@ class Settler:
             upstream_request_id=upstream_id,
             durable=self.plan.policy.global_.on_expired_reservation == "release",
         )
-        self.usage = usage
         self.outcome = await self.rt.shielded(lambda: self._settle_all(request, kind, usage))
         return self.outcome
 
