@@ -15,17 +15,17 @@ to be charged at its bound by the sweeper: an over-count, never a loss.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from resgov.core.budget import LineState, first_misfit, settle
@@ -183,11 +183,17 @@ def path_from_url(url: str) -> str:
 class _Op:
     fn: Callable[[sqlite3.Connection, float], Any]
     durable: bool
-    loop: asyncio.AbstractEventLoop | None
+    #: Small enough to run on the event loop (the hot path); everything else runs on the commit thread.
+    inline: bool
     future: asyncio.Future[Any] | None
     result: Any = None
     error: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(batch: list[_Op], message: str) -> None:
+    for op in batch:
+        op.result = None
+        op.error = StoreError(message)
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -216,10 +222,17 @@ class SQLiteStore:
 
     def __init__(self, path: str, *, readers: int = 2) -> None:
         self.path = path_from_url(path)
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # One thread for COMMIT (the fsync) and for the batches that must not run on the loop.
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resgov-sqlite-commit")
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="resgov-sqlite-read")
         self._local = threading.local()
+        self._pending: list[_Op] = []
+        self._scheduled = False
+        self._busy = False
+        self._idle: asyncio.Event | None = None
+        self._sync_full: bool | None = None
         self._closed = False
         self.batches = 0
         self.batched_ops = 0
@@ -227,32 +240,55 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the schema and start the writer thread."""
-        await asyncio.get_running_loop().run_in_executor(None, self._create_schema)
-        self._thread = threading.Thread(target=self._writer, name="resgov-sqlite-writer", daemon=True)
-        self._thread.start()
+        """Create the schema and open the writer connection, bound to the running loop."""
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._committer, self._open_writer)
+        self._loop = loop
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def _create_schema(self) -> None:
+    def _open_writer(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = _connect(self.path)
-        try:
-            conn.executescript(SCHEMA)
-        finally:
-            conn.close()
+        conn.executescript(SCHEMA)
+        return conn
 
     async def close(self) -> None:
-        """Let queued writes commit, then stop the writer and the readers."""
+        """Let queued writes commit, then close the writer and the readers."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+        if self._loop is not None and self._idle is not None:
+            if asyncio.get_running_loop() is self._loop:
+                while self._pending or self._busy or self._scheduled:
+                    self._idle.clear()
+                    self._kick()
+                    await self._idle.wait()
+            else:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._drain(), self._loop))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._committer, self._close_writer, conn)
+        self._committer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
 
+    async def _drain(self) -> None:
+        assert self._idle is not None
+        while self._pending or self._busy or self._scheduled:
+            self._idle.clear()
+            self._kick()
+            await self._idle.wait()
+
+    @staticmethod
+    def _close_writer(conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        conn.close()
+
     async def ping(self) -> bool:
-        """True when the file can be read and the writer is alive."""
-        if self._thread is None or not self._thread.is_alive():
+        """True when the file can be read and the writer is open."""
+        if self._conn is None or self._closed:
             return False
         try:
             await self._read(lambda c: c.execute("SELECT 1").fetchone())
@@ -261,57 +297,99 @@ class SQLiteStore:
         return True
 
     # -- the writer ------------------------------------------------------------------------------
+    #
+    # Batches form on the event loop: every write queued while a commit is in flight waits for
+    # it, then all of them are applied together. A batch of small, hot operations (reserve,
+    # settle, renew, refusal audit) executes its statements right on the loop thread, where they
+    # cost a few microseconds each, and only COMMIT (the fsync, which releases the GIL) goes to
+    # the commit thread. Handing every operation to a writer thread instead cost more in thread
+    # switches and GIL hand-offs than the statements themselves (bench/README.md, layer ladder).
+    # A batch holding anything else, or one that would have to wait for another process's write
+    # lock, runs whole on the commit thread so the loop never blocks on a lock or a long scan.
 
-    def _writer(self) -> None:
-        conn = _connect(self.path)
-        sync_full: bool | None = None
+    def _kick(self) -> None:
+        if not self._scheduled and not self._busy and self._pending:
+            self._scheduled = True
+            assert self._loop is not None
+            # call_soon, not now: writes queued in the same loop iteration share the batch.
+            self._loop.call_soon(self._run_batch)
+
+    def _run_batch(self) -> None:
+        self._scheduled = False
+        if self._busy or not self._pending:
+            return
+        conn = self._conn
+        batch, self._pending = self._pending, []
+        if conn is None:
+            for op in batch:
+                op.error = StoreError("sqlite store is closed")
+            _deliver(batch)
+            return
+        self._busy = True
+        durable = any(op.durable for op in batch)
+        done: concurrent.futures.Future[None]
+        if all(op.inline for op in batch) and self._begin_inline(conn, durable):
+            self._apply_ops(conn, batch, time.time())
+            done = self._committer.submit(self._commit, conn, batch)
+        else:
+            done = self._committer.submit(self._apply_batch, conn, batch, durable)
+        done.add_done_callback(lambda _f: self._wake(batch))
+
+    def _wake(self, batch: list[_Op]) -> None:
+        """On the commit thread: hand the committed batch back to the loop."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self._finish, batch)
+
+    def _finish(self, batch: list[_Op]) -> None:
+        self._busy = False
+        self.batches += 1
+        self.batched_ops += len(batch)
+        _deliver(batch)
+        if self._pending:
+            self._kick()
+        elif self._idle is not None:
+            self._idle.set()
+
+    def _set_sync(self, conn: sqlite3.Connection, durable: bool) -> None:
+        if durable is not self._sync_full:
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._sync_full = durable
+
+    def _begin_inline(self, conn: sqlite3.Connection, durable: bool) -> bool:
+        """Take the write lock without waiting; False sends the batch to the commit thread."""
         try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                durable = any(op.durable for op in batch)
-                if durable is not sync_full:
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                    sync_full = durable
-                self._apply(conn, batch)
-                self.batches += 1
-                self.batched_ops += len(batch)
-                by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
-                for op in batch:
-                    if op.loop is not None:
-                        by_loop.setdefault(op.loop, []).append(op)
-                for loop, ops in by_loop.items():
-                    with contextlib.suppress(RuntimeError):  # loop already closed
-                        loop.call_soon_threadsafe(_deliver, ops)
-                if stop:
-                    break
+            self._set_sync(conn, durable)
+            conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.Error:
+            return False
         finally:
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            conn.close()
+                conn.execute("PRAGMA busy_timeout=30000")
+
+    def _apply_batch(self, conn: sqlite3.Connection, batch: list[_Op], durable: bool) -> None:
+        """The whole batch on the commit thread: BEGIN (waiting for the lock), apply, COMMIT."""
+        try:
+            self._set_sync(conn, durable)
+        except sqlite3.Error as exc:
+            _fail(batch, f"sqlite: cannot set synchronous: {exc}")
+            return
+        self._apply(conn, batch)
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        now = time.time()
+    def _commit(conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            for op in batch:
-                op.error = StoreError(f"sqlite: cannot begin: {exc}")
-            return
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            _fail(batch, f"sqlite: commit failed: {exc}")
+
+    @staticmethod
+    def _apply_ops(conn: sqlite3.Connection, batch: list[_Op], now: float) -> None:
         for op in batch:
             conn.execute("SAVEPOINT op")
             try:
@@ -321,34 +399,58 @@ class SQLiteStore:
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(f"sqlite: {exc}")
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            for op in batch:
-                op.result = None
-                op.error = StoreError(f"sqlite: commit failed: {exc}")
 
-    async def _write(self, fn: Callable[[sqlite3.Connection, float], T], *, durable: bool = False) -> T:
-        if self._closed:
+    @classmethod
+    def _apply(cls, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            _fail(batch, f"sqlite: cannot begin: {exc}")
+            return
+        cls._apply_ops(conn, batch, time.time())
+        cls._commit(conn, batch)
+
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection, float], T], *, durable: bool = False, inline: bool = False
+    ) -> T:
+        """Queue one write; it returns once its batch has committed (fsync'd when ``durable``)."""
+        if self._closed or self._loop is None:
             raise StoreError("sqlite store is closed")
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a caller on another loop (a test, a CLI helper): hop over
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._write(fn, durable=durable, inline=inline), self._loop)
+            )
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, durable, loop, fut))
+        self._pending.append(_Op(fn, durable, inline, fut))
+        self._kick()
         return await fut
 
     def _write_nowait(self, fn: Callable[[sqlite3.Connection, float], Any]) -> None:
-        """Queue a write nobody waits for (it still commits with the next batch)."""
-        if not self._closed:
-            self._queue.put(_Op(fn, False, None, None))
+        """Queue a small write nobody waits for (it commits with the next batch)."""
+        if self._closed or self._loop is None:
+            return
+        op = _Op(fn, False, True, None)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._pending.append(op)
+            self._kick()
+        else:
+            self._loop.call_soon_threadsafe(self._enqueue, op)
+
+    def _enqueue(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._kick()
 
     def write_sync(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
         """Run one write transaction from a thread with no event loop (CLI tools)."""
         conn = _connect(self.path)
         try:
             conn.executescript(SCHEMA)
-            op = _Op(fn, True, None, None)
+            op = _Op(fn, True, False, None)
             conn.execute("PRAGMA synchronous=FULL")
             self._apply(conn, [op])
             if op.error:
@@ -416,7 +518,7 @@ class SQLiteStore:
             after = {k: LineState(s.spent, s.reserved + request.amount) for k, s in states.items()}
             return ReserveOutcome(ok=True, states=after)
 
-        return await self._write(op, durable=True)
+        return await self._write(op, durable=True, inline=True)
 
     @staticmethod
     def _settle_in(conn: sqlite3.Connection, now: float, request: SettleRequest) -> SettleOutcome:
@@ -469,7 +571,9 @@ class SQLiteStore:
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
         """Idempotent by reservation id: the row is deleted by the first settlement."""
-        return await self._write(lambda c, now: self._settle_in(c, now, request), durable=request.durable)
+        return await self._write(
+            lambda c, now: self._settle_in(c, now, request), durable=request.durable, inline=True
+        )
 
     async def renew(self, reservation_ids: Sequence[str], ttl_seconds: float) -> None:
         """Push leases forward; nobody waits on it (a lost renewal only settles earlier, at the bound)."""
@@ -503,12 +607,13 @@ class SQLiteStore:
         return await self._write(op, durable=True)
 
     async def record(self, entry: AuditEntry) -> None:
-        """Queue the audit entry of a refusal; it commits with the next batch."""
+        """Write the audit entry of a refusal; it returns once committed (not fsync'd)."""
         row = _audit_row(entry)
-        self._write_nowait(
+        await self._write(
             lambda c, _now: c.execute(
                 f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row
-            )
+            ),
+            inline=True,
         )
 
     async def book_unreserved(self, entry: AuditEntry, line_keys: Sequence[str]) -> bool:
@@ -528,7 +633,7 @@ class SQLiteStore:
             conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row)
             return True
 
-        return await self._write(op, durable=True)
+        return await self._write(op, durable=True, inline=True)
 
     async def line_states(self, org: str, keys: Sequence[str]) -> dict[str, LineState]:
         """Read committed and reserved spend of lines."""
@@ -536,7 +641,7 @@ class SQLiteStore:
 
     async def flush(self) -> None:
         """Wait until everything queued so far has committed."""
-        await self._write(lambda c, now: None)
+        await self._write(lambda c, now: None, inline=True)
 
     async def _audit_rows(
         self, query: AuditQuery, before_seq: int | None, newest_first: bool
