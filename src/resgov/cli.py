@@ -95,6 +95,10 @@ def serve(
         lifespan="on",
         log_level=log_level,
         access_log=False,
+        # ResGov never reads the client address, so X-Forwarded-* parsing would be pure cost
+        # on every call; and the server's name is nobody's business.
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=int(drain_seconds) or 1,
     )
 

@@ -86,7 +86,17 @@ def to_units(nano: int) -> float:
     Only for display: the float is the shortest decimal that round-trips, so it
     shows exactly the nano amount for any amount below 1 million units (10^15 nano).
     """
-    return float(Decimal(nano) / NANO)
+    # int / int is the correctly rounded quotient (what float(Decimal) gave, without its cost).
+    return nano / NANO
+
+
+def units_text(nano: int) -> str:
+    """Nano-units as an exact decimal string in currency units (``311_000_000`` → ``"0.311"``)."""
+    whole, frac = divmod(abs(nano), NANO)
+    sign = "-" if nano < 0 else ""
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:09d}".rstrip("0")
 
 
 def units_decimal(nano: int) -> Decimal:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from resgov.core.budget import LineState, first_misfit, settle
+from resgov.ledger.sqlite_lines import LineCache
 from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
@@ -94,7 +95,8 @@ AUDIT_COLUMNS = (
     "request_id, org, agent, kind, route, model, provider, status, reason, http_status, reserved, actual, "
     "overage, estimated, expired, input_tokens, output_tokens, upstream_request_id, started_at, finished_at, detail"
 )
-_MAX_BATCH = 1024
+_INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})"
+_NO_SPEND = LineState()
 
 
 def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
@@ -233,6 +235,7 @@ class SQLiteStore:
         self._busy = False
         self._idle: asyncio.Event | None = None
         self._sync_full: bool | None = None
+        self._lines = LineCache()
         self._closed = False
         self.batches = 0
         self.batched_ops = 0
@@ -328,8 +331,7 @@ class SQLiteStore:
         self._busy = True
         durable = any(op.durable for op in batch)
         done: concurrent.futures.Future[None]
-        if all(op.inline for op in batch) and self._begin_inline(conn, durable):
-            self._apply_ops(conn, batch, time.time())
+        if all(op.inline for op in batch) and self._apply_inline(conn, batch, durable):
             done = self._committer.submit(self._commit, conn, batch)
         else:
             done = self._committer.submit(self._apply_batch, conn, batch, durable)
@@ -357,18 +359,36 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._sync_full = durable
 
-    def _begin_inline(self, conn: sqlite3.Connection, durable: bool) -> bool:
-        """Take the write lock without waiting; False sends the batch to the commit thread."""
+    def _apply_inline(self, conn: sqlite3.Connection, batch: list[_Op], durable: bool) -> bool:
+        """On the loop: take the write lock without waiting and apply the batch, COMMIT left to do.
+
+        False (nothing applied, no transaction open) sends the batch to the commit thread: the
+        lock is held by another process, or an operation failed, which needs the slow path's
+        savepoint per operation so that it alone is undone.
+        """
         try:
             self._set_sync(conn, durable)
             conn.execute("PRAGMA busy_timeout=0")
-            conn.execute("BEGIN IMMEDIATE")
-            return True
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error:
             return False
-        finally:
+        now = time.time()
+        try:
+            self._lines.begin(conn)
+            for op in batch:
+                op.result = op.fn(conn, now)
+            self._lines.flush(conn)
+        except Exception:
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute("ROLLBACK")
+            self._lines.drop()
+            for op in batch:
+                op.result = None
+            return False
+        return True
 
     def _apply_batch(self, conn: sqlite3.Connection, batch: list[_Op], durable: bool) -> None:
         """The whole batch on the commit thread: BEGIN (waiting for the lock), apply, COMMIT."""
@@ -379,36 +399,46 @@ class SQLiteStore:
             return
         self._apply(conn, batch)
 
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            self._lines.drop()
             _fail(batch, f"sqlite: commit failed: {exc}")
 
-    @staticmethod
-    def _apply_ops(conn: sqlite3.Connection, batch: list[_Op], now: float) -> None:
+    def _apply(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """BEGIN, each operation in its own savepoint (one failing is undone alone), COMMIT."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._lines.begin(conn)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            _fail(batch, f"sqlite: cannot begin: {exc}")
+            return
+        now = time.time()
         for op in batch:
             conn.execute("SAVEPOINT op")
             try:
+                # An operation changes the line cache only once all its statements succeeded,
+                # so rolling back to its savepoint leaves the cache matching the file.
                 op.result = op.fn(conn, now)
                 conn.execute("RELEASE op")
             except Exception as exc:  # an op failing must not poison the batch
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(f"sqlite: {exc}")
-
-    @classmethod
-    def _apply(cls, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._lines.flush(conn)
         except sqlite3.Error as exc:
-            _fail(batch, f"sqlite: cannot begin: {exc}")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._lines.drop()
+            _fail(batch, f"sqlite: cannot write budget lines: {exc}")
             return
-        cls._apply_ops(conn, batch, time.time())
-        cls._commit(conn, batch)
+        self._commit(conn, batch)
 
     async def _write(
         self, fn: Callable[[sqlite3.Connection, float], T], *, durable: bool = False, inline: bool = False
@@ -445,20 +475,6 @@ class SQLiteStore:
         self._pending.append(op)
         self._kick()
 
-    def write_sync(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run one write transaction from a thread with no event loop (CLI tools)."""
-        conn = _connect(self.path)
-        try:
-            conn.executescript(SCHEMA)
-            op = _Op(fn, True, False, None)
-            conn.execute("PRAGMA synchronous=FULL")
-            self._apply(conn, [op])
-            if op.error:
-                raise op.error
-            return op.result  # type: ignore[no-any-return]
-        finally:
-            conn.close()
-
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             conn = getattr(self._local, "conn", None)
@@ -483,45 +499,35 @@ class SQLiteStore:
 
     async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
         """All lines or none, durable (fsync'd with its batch) before returning."""
+        org = request.org
+        amount = request.amount
+        keys = list(dict.fromkeys(line.key for line in request.lines))
+        entry = request.audit
+        entry.reserved = amount
+        entry.status = "in_flight"
+        audit_row = _audit_row(entry)
+        lines = self._lines
 
         def op(conn: sqlite3.Connection, now: float) -> ReserveOutcome:
-            keys = [line.key for line in request.lines]
-            states = self._states(conn, request.org, keys)
-            refused = first_misfit(request.lines, states, request.amount)
+            states = {key: lines.get(conn, org, key) or _NO_SPEND for key in keys}
+            refused = first_misfit(request.lines, states, amount)
             if refused is not None:
                 return ReserveOutcome(ok=False, states=states, refused=refused)
-            for key in keys:
-                conn.execute(
-                    "INSERT INTO budget_line (org, key, spent, reserved) VALUES (?, ?, 0, ?) "
-                    "ON CONFLICT (org, key) DO UPDATE SET reserved = reserved + excluded.reserved",
-                    (request.org, key, request.amount),
-                )
             conn.execute(
                 "INSERT INTO reservation (id, org, agent, amount, keys, lease_expires, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    request.reservation_id,
-                    request.org,
-                    request.agent,
-                    request.amount,
-                    "\x1f".join(keys),
-                    now + request.ttl_seconds,
-                    now,
-                ),
-            )
-            entry = request.audit
-            entry.reserved = request.amount
-            entry.status = "in_flight"
-            conn.execute(
-                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", _audit_row(entry)
-            )
-            after = {k: LineState(s.spent, s.reserved + request.amount) for k, s in states.items()}
+                (request.reservation_id, org, request.agent, amount, "\x1f".join(keys),
+                 now + request.ttl_seconds, now),
+            )  # fmt: skip
+            conn.execute(_INSERT_AUDIT, audit_row)
+            after = {k: LineState(s.spent, s.reserved + amount) for k, s in states.items()}
+            for key, state in after.items():
+                lines.put(org, key, state)
             return ReserveOutcome(ok=True, states=after)
 
         return await self._write(op, durable=True, inline=True)
 
-    @staticmethod
-    def _settle_in(conn: sqlite3.Connection, now: float, request: SettleRequest) -> SettleOutcome:
+    def _settle_in(self, conn: sqlite3.Connection, now: float, request: SettleRequest) -> SettleOutcome:
         row = conn.execute(
             "DELETE FROM reservation WHERE id = ? RETURNING org, amount, keys", (request.reservation_id,)
         ).fetchone()
@@ -529,16 +535,12 @@ class SQLiteStore:
             return SettleOutcome(settled=False)
         org, reserved, keys_text = row
         charge = settle(reserved, request.kind, request.amount)
-        keys = keys_text.split("\x1f") if keys_text else []
+        lines = self._lines
         states: dict[str, LineState] = {}
-        for key in keys:
-            spent_row = conn.execute(
-                "UPDATE budget_line SET reserved = reserved - ?, spent = spent + ? WHERE org = ? AND key = ? "
-                "RETURNING spent, reserved",
-                (reserved, charge.charged, org, key),
-            ).fetchone()
-            if spent_row is not None:
-                states[key] = LineState(spent_row[0], spent_row[1])
+        for key in dict.fromkeys(keys_text.split("\x1f")) if keys_text else ():
+            state = lines.get(conn, org, key)
+            if state is not None:
+                states[key] = LineState(state.spent + charge.charged, state.reserved - reserved)
         conn.execute(
             "UPDATE audit SET status=?, reason=COALESCE(?, reason), http_status=COALESCE(?, http_status), "
             "actual=?, overage=?, estimated=?, expired=?, input_tokens=?, output_tokens=?, "
@@ -560,6 +562,8 @@ class SQLiteStore:
                 request.reservation_id,
             ),
         )
+        for key, state in states.items():
+            lines.put(org, key, state)
         return SettleOutcome(
             settled=True,
             charged=charge.charged,
@@ -610,9 +614,7 @@ class SQLiteStore:
         """Write the audit entry of a refusal; it returns once committed (not fsync'd)."""
         row = _audit_row(entry)
         await self._write(
-            lambda c, _now: c.execute(
-                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row
-            ),
+            lambda c, _now: c.execute(_INSERT_AUDIT, row),
             inline=True,
         )
 
@@ -624,13 +626,10 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection, _now: float) -> bool:
             if conn.execute("SELECT 1 FROM audit WHERE request_id = ?", (entry.request_id,)).fetchone():
                 return False
+            conn.execute(_INSERT_AUDIT, row)
             for key in keys:
-                conn.execute(
-                    "INSERT INTO budget_line (org, key, spent, reserved) VALUES (?, ?, ?, 0) "
-                    "ON CONFLICT (org, key) DO UPDATE SET spent = spent + excluded.spent",
-                    (entry.org, key, entry.actual),
-                )
-            conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})", row)
+                state = self._lines.get(conn, entry.org, key) or _NO_SPEND
+                self._lines.put(entry.org, key, LineState(state.spent + entry.actual, state.reserved))
             return True
 
         return await self._write(op, durable=True, inline=True)

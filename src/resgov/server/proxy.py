@@ -12,7 +12,6 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -28,7 +27,7 @@ from resgov.core.errors import (
     StoreUnavailable,
     UpstreamFailure,
 )
-from resgov.core.money import NANO, format_money, to_units
+from resgov.core.money import format_money, to_units, units_text
 from resgov.core.policy import AgentPolicy, OrgPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
 from resgov.guard import CallContext, GuardRefusal, Ticket
@@ -104,10 +103,6 @@ _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 #: A text-only body skips the walk for media parts; a JSON escape could hide a part's
 #: type from this byte scan, so any escape sequence forces the walk.
 _MEDIA_HINTS = (b'"image', b'"file', b'"document', b'"input_', b"\\u")
-
-
-def _decimal_str(nano: int) -> str:
-    return format(Decimal(nano) / NANO, "f")
 
 
 class _FailOpen(Exception):
@@ -539,9 +534,9 @@ class ProxyRoute:
 
     def _cost_headers(self, plan: Plan, states: dict[str, LineState] | Any) -> Headers:
         left = remaining(plan.lines, states)
-        out: Headers = [(b"x-resgov-reserved", _decimal_str(plan.amount).encode())]
+        out: Headers = [(b"x-resgov-reserved", units_text(plan.amount).encode())]
         if left is not None:
-            out.append((b"x-resgov-remaining", _decimal_str(left).encode()))
+            out.append((b"x-resgov-remaining", units_text(left).encode()))
         if plan.shrunk:
             out.append((b"x-resgov-shrunk-max-tokens", str(plan.cap).encode()))
         return out
@@ -709,7 +704,7 @@ class ProxyRoute:
         if isinstance(parsed, dict):
             body = _splice_cost(plan.adapter.client_body(body, parsed, plan.req), cost)
         headers = self._downstream_headers(resp) + base + self._cost_headers(plan, outcome.states)
-        headers.append((b"x-resgov-cost", _decimal_str(outcome.charged).encode()))
+        headers.append((b"x-resgov-cost", units_text(outcome.charged).encode()))
         await send_bytes(send, resp.status, body, headers)
 
     def _cost_object(self, plan: Plan, outcome: SettleOutcome, usage: Usage | None) -> dict[str, Any]:
