@@ -1,35 +1,30 @@
-"""The embedded SQLite ledger: WAL, one writer thread with group commit, separate readers.
+"""The embedded SQLite ledger: schema and operations (WAL, one writer with group commit, readers).
 
-Every money operation is queued to a single writer thread. It takes whatever is
-queued (a batch), applies each operation inside its own SAVEPOINT within one
-``BEGIN IMMEDIATE`` transaction, commits once and then wakes every waiter. One
-fsync thus covers a whole batch: that is what makes durable reservations cheap.
+Writes go through :class:`~resgov.ledger.sqlite_writer.GroupCommitWriter` (batches, one
+fsync per durable batch, where each step runs) and move budget lines through its
+:class:`~resgov.ledger.sqlite_lines.LineCache`. Reads run on a small pool of reader
+connections (WAL readers never block the writer).
 
-Durability per batch: a batch holding a reservation (or a settlement in release
-mode) commits with ``synchronous=FULL``; a batch of only settlements commits with
-``synchronous=NORMAL``: visible to readers at once, its fsync riding the next FULL
-commit. A crash in between can only lose a settlement, which leaves the reservation
-to be charged at its bound by the sweeper: an over-count, never a loss.
+Durability per batch: a batch holding a reservation (or a settlement in release mode)
+is fsync'd before anyone is told; a batch of only settlements is committed without an
+fsync: visible to readers at once, surviving a crash of the process, its fsync riding
+the next durable batch. Only a power loss in between can lose a settlement, which leaves
+the reservation to be charged at its bound by the sweeper: an over-count, never a loss.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import json
 import logging
-import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from resgov.core.budget import LineState, first_misfit, settle
-from resgov.ledger.sqlite_lines import LineCache
+from resgov.ledger.sqlite_writer import GroupCommitWriter, connect
 from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
@@ -41,7 +36,6 @@ from resgov.ledger.store import (
     ReserveRequest,
     SettleOutcome,
     SettleRequest,
-    StoreError,
 )
 
 log = logging.getLogger("resgov.ledger.sqlite")
@@ -181,42 +175,6 @@ def path_from_url(url: str) -> str:
     return url
 
 
-@dataclass(slots=True)
-class _Op:
-    fn: Callable[[sqlite3.Connection, float], Any]
-    durable: bool
-    #: Small enough to run on the event loop (the hot path); everything else runs on the commit thread.
-    inline: bool
-    future: asyncio.Future[Any] | None
-    result: Any = None
-    error: BaseException | None = None
-
-
-def _fail(batch: list[_Op], message: str) -> None:
-    for op in batch:
-        op.result = None
-        op.error = StoreError(message)
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=OFF")
-    return conn
-
-
-def _deliver(ops: list[_Op]) -> None:
-    for op in ops:
-        fut = op.future
-        if fut is None or fut.done():
-            continue
-        if op.error is not None:
-            fut.set_exception(op.error)
-        else:
-            fut.set_result(op.result)
-
-
 class SQLiteStore:
     """The default, embedded store. One server process serves a file; CLI tools may write beside it."""
 
@@ -224,74 +182,36 @@ class SQLiteStore:
 
     def __init__(self, path: str, *, readers: int = 2) -> None:
         self.path = path_from_url(path)
-        self._conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # One thread for COMMIT (the fsync) and for the batches that must not run on the loop.
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resgov-sqlite-commit")
+        self._writer = GroupCommitWriter(self.path, SCHEMA)
+        self._lines = self._writer.lines
+        self._write = self._writer.write
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="resgov-sqlite-read")
         self._local = threading.local()
-        self._pending: list[_Op] = []
-        self._scheduled = False
-        self._busy = False
-        self._idle: asyncio.Event | None = None
-        self._sync_full: bool | None = None
-        self._lines = LineCache()
-        self._closed = False
-        self.batches = 0
-        self.batched_ops = 0
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def batches(self) -> int:
+        """Batches committed so far (group commit)."""
+        return self._writer.batches
+
+    @property
+    def batched_ops(self) -> int:
+        """Write operations in those batches."""
+        return self._writer.batched_ops
 
     async def open(self) -> None:
-        """Create the schema and open the writer connection, bound to the running loop."""
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._committer, self._open_writer)
-        self._loop = loop
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def _open_writer(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        conn = _connect(self.path)
-        conn.executescript(SCHEMA)
-        return conn
+        """Create the schema and open the writer, bound to the running loop."""
+        await self._writer.open()
 
     async def close(self) -> None:
         """Let queued writes commit, then close the writer and the readers."""
-        if self._closed:
+        if self._writer.closed:
             return
-        self._closed = True
-        if self._loop is not None and self._idle is not None:
-            if asyncio.get_running_loop() is self._loop:
-                while self._pending or self._busy or self._scheduled:
-                    self._idle.clear()
-                    self._kick()
-                    await self._idle.wait()
-            else:
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._drain(), self._loop))
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._committer, self._close_writer, conn)
-        self._committer.shutdown(wait=True)
+        await self._writer.close()
         self._readers.shutdown(wait=True)
-
-    async def _drain(self) -> None:
-        assert self._idle is not None
-        while self._pending or self._busy or self._scheduled:
-            self._idle.clear()
-            self._kick()
-            await self._idle.wait()
-
-    @staticmethod
-    def _close_writer(conn: sqlite3.Connection) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        conn.close()
 
     async def ping(self) -> bool:
         """True when the file can be read and the writer is open."""
-        if self._conn is None or self._closed:
+        if not self._writer.is_open:
             return False
         try:
             await self._read(lambda c: c.execute("SELECT 1").fetchone())
@@ -299,187 +219,11 @@ class SQLiteStore:
             return False
         return True
 
-    # -- the writer ------------------------------------------------------------------------------
-    #
-    # Batches form on the event loop: every write queued while a commit is in flight waits for
-    # it, then all of them are applied together. A batch of small, hot operations (reserve,
-    # settle, renew, refusal audit) executes its statements right on the loop thread, where they
-    # cost a few microseconds each, and only COMMIT (the fsync, which releases the GIL) goes to
-    # the commit thread. Handing every operation to a writer thread instead cost more in thread
-    # switches and GIL hand-offs than the statements themselves (bench/README.md, layer ladder).
-    # A batch holding anything else, or one that would have to wait for another process's write
-    # lock, runs whole on the commit thread so the loop never blocks on a lock or a long scan.
-
-    def _kick(self) -> None:
-        if not self._scheduled and not self._busy and self._pending:
-            self._scheduled = True
-            assert self._loop is not None
-            # call_soon, not now: writes queued in the same loop iteration share the batch.
-            self._loop.call_soon(self._run_batch)
-
-    def _run_batch(self) -> None:
-        self._scheduled = False
-        if self._busy or not self._pending:
-            return
-        conn = self._conn
-        batch, self._pending = self._pending, []
-        if conn is None:
-            for op in batch:
-                op.error = StoreError("sqlite store is closed")
-            _deliver(batch)
-            return
-        self._busy = True
-        durable = any(op.durable for op in batch)
-        done: concurrent.futures.Future[None]
-        if all(op.inline for op in batch) and self._apply_inline(conn, batch, durable):
-            done = self._committer.submit(self._commit, conn, batch)
-        else:
-            done = self._committer.submit(self._apply_batch, conn, batch, durable)
-        done.add_done_callback(lambda _f: self._wake(batch))
-
-    def _wake(self, batch: list[_Op]) -> None:
-        """On the commit thread: hand the committed batch back to the loop."""
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(self._finish, batch)
-
-    def _finish(self, batch: list[_Op]) -> None:
-        self._busy = False
-        self.batches += 1
-        self.batched_ops += len(batch)
-        _deliver(batch)
-        if self._pending:
-            self._kick()
-        elif self._idle is not None:
-            self._idle.set()
-
-    def _set_sync(self, conn: sqlite3.Connection, durable: bool) -> None:
-        if durable is not self._sync_full:
-            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._sync_full = durable
-
-    def _apply_inline(self, conn: sqlite3.Connection, batch: list[_Op], durable: bool) -> bool:
-        """On the loop: take the write lock without waiting and apply the batch, COMMIT left to do.
-
-        False (nothing applied, no transaction open) sends the batch to the commit thread: the
-        lock is held by another process, or an operation failed, which needs the slow path's
-        savepoint per operation so that it alone is undone.
-        """
-        try:
-            self._set_sync(conn, durable)
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
-                conn.execute("PRAGMA busy_timeout=30000")
-        except sqlite3.Error:
-            return False
-        now = time.time()
-        try:
-            self._lines.begin(conn)
-            for op in batch:
-                op.result = op.fn(conn, now)
-            self._lines.flush(conn)
-        except Exception:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._lines.drop()
-            for op in batch:
-                op.result = None
-            return False
-        return True
-
-    def _apply_batch(self, conn: sqlite3.Connection, batch: list[_Op], durable: bool) -> None:
-        """The whole batch on the commit thread: BEGIN (waiting for the lock), apply, COMMIT."""
-        try:
-            self._set_sync(conn, durable)
-        except sqlite3.Error as exc:
-            _fail(batch, f"sqlite: cannot set synchronous: {exc}")
-            return
-        self._apply(conn, batch)
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._lines.drop()
-            _fail(batch, f"sqlite: commit failed: {exc}")
-
-    def _apply(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        """BEGIN, each operation in its own savepoint (one failing is undone alone), COMMIT."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._lines.begin(conn)
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            _fail(batch, f"sqlite: cannot begin: {exc}")
-            return
-        now = time.time()
-        for op in batch:
-            conn.execute("SAVEPOINT op")
-            try:
-                # An operation changes the line cache only once all its statements succeeded,
-                # so rolling back to its savepoint leaves the cache matching the file.
-                op.result = op.fn(conn, now)
-                conn.execute("RELEASE op")
-            except Exception as exc:  # an op failing must not poison the batch
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(f"sqlite: {exc}")
-        try:
-            self._lines.flush(conn)
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._lines.drop()
-            _fail(batch, f"sqlite: cannot write budget lines: {exc}")
-            return
-        self._commit(conn, batch)
-
-    async def _write(
-        self, fn: Callable[[sqlite3.Connection, float], T], *, durable: bool = False, inline: bool = False
-    ) -> T:
-        """Queue one write; it returns once its batch has committed (fsync'd when ``durable``)."""
-        if self._closed or self._loop is None:
-            raise StoreError("sqlite store is closed")
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a caller on another loop (a test, a CLI helper): hop over
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self._write(fn, durable=durable, inline=inline), self._loop)
-            )
-        fut: asyncio.Future[T] = loop.create_future()
-        self._pending.append(_Op(fn, durable, inline, fut))
-        self._kick()
-        return await fut
-
-    def _write_nowait(self, fn: Callable[[sqlite3.Connection, float], Any]) -> None:
-        """Queue a small write nobody waits for (it commits with the next batch)."""
-        if self._closed or self._loop is None:
-            return
-        op = _Op(fn, False, True, None)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._pending.append(op)
-            self._kick()
-        else:
-            self._loop.call_soon_threadsafe(self._enqueue, op)
-
-    def _enqueue(self, op: _Op) -> None:
-        self._pending.append(op)
-        self._kick()
-
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             conn = getattr(self._local, "conn", None)
             if conn is None:
-                conn = _connect(self.path)
+                conn = connect(self.path)
                 self._local.conn = conn
             return fn(conn)
 
@@ -588,7 +332,7 @@ class SQLiteStore:
                 "UPDATE reservation SET lease_expires = ? WHERE id = ?", [(now + ttl_seconds, i) for i in ids]
             )
 
-        self._write_nowait(op)
+        self._writer.write_nowait(op)
 
     async def sweep(self, mode: Literal["charge", "release"]) -> int:
         """Settle expired leases by the store's clock (this process's, since it owns the file)."""
