@@ -839,7 +839,7 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         f"Pinning: {pin.describe()}.",
         "Upstream: resgov.simulator.upstream, 0 ms latency, 16 content chunks (+ usage chunk when streaming). "
         "Policy: bench/bench.rgf (budgets enforced on every call: agent and org daily lines, priced, reserved "
-        "durably in SQLite with synchronous=FULL before the upstream call, settled after).",
+        "durably in SQLite (WAL fsync'd per group commit) before the upstream call, settled after).",
         "",
         "'added' = gateway latency minus direct latency at the same percentile; 'ratio' = gateway req/s / direct "
         "req/s; 'gateway CPU' = CPU seconds per second used by the gateway process (100 % = its whole core); "

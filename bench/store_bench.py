@@ -9,7 +9,7 @@ One operation is what the proxy does per call: a durable ``reserve`` on the agen
 org's daily lines (with its audit entry), then a ``settle`` with the actual cost. All workers
 hit the same two lines by default (the hottest case; ``--agents N`` spreads them).
 
-* SQLite: a temp file, the store's own settings (WAL, group commit, ``synchronous=FULL`` for
+* SQLite: a temp file, the store's own settings (WAL, group commit, an fsync of the WAL for
   every batch holding a reservation).
 * Redis: unless ``--redis-url`` is given, the benchmark starts its own ``redis-server`` on a
   free port, once with ``appendonly yes`` + ``appendfsync everysec`` and once with
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             log(f"sqlite: {args.concurrency} coroutines, {args.duration:g} s")
             results.append(run_async(bench_store(f"sqlite:///{tmp}/store.db", "sqlite",
-                                                 "WAL, group commit, synchronous=FULL", args)))  # fmt: skip
+                                                 "WAL, group commit, fsync per reserving batch", args)))  # fmt: skip
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if "redis" in backends:

@@ -12,7 +12,7 @@ matters is CPU µs per request (robust to other load), req/s is printed beside i
 Patches:
 
 * ``uuid``: ``uuid.uuid4`` without ``os.urandom`` (a syscall that releases the GIL, i.e. a
-  GIL hand-off to the SQLite writer thread on the same core, on every request);
+  GIL hand-off to another thread on the same core, on every request);
 * ``uvicorn-lean``: uvicorn without ``ProxyHeadersMiddleware``, the ``server`` and ``date``
   headers (``proxy_headers=False, server_header=False, date_header=False``);
 * ``gc``: ``gc.freeze()`` after imports and a higher gen-0 threshold (fewer collections of

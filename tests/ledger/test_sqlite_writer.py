@@ -9,6 +9,7 @@ that meets another process's write lock, still commits exactly the operations th
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -148,3 +149,28 @@ async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
     assert set(file_lines(store.path).values()) == {(0, 200)}
     with pytest.raises(StoreError):
         await reserve(store, "late", 10, LINES)
+
+
+async def test_a_reservation_is_fsynced_before_it_returns_and_a_settlement_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resgov.ledger.sqlite_writer as writer
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(writer.os, "fsync", recording_fsync)
+    store = await opened(tmp_path)
+    try:
+        assert (await reserve(store, "r1", 100, LINES)).ok
+        assert synced and synced[-1] == store.path + "-wal"
+        count = len(synced)
+        await finish(store, "r1", "actual", 50)  # charge mode: visible at once, no fsync of its own
+        assert len(synced) == count
+        assert set(file_lines(store.path).values()) == {(50, 0)}
+    finally:
+        await store.close()

@@ -104,7 +104,7 @@ class Runtime:
         self.keys = KeyCache(self.store, self.settings.key_cache_seconds)
         self.journal = Journal(self.settings.journal)
         # Request ids: a random per-process prefix and a counter. uuid4 per call read
-        # os.urandom, which releases the GIL to the writer thread: measurable at load.
+        # os.urandom, which releases the GIL to other threads: measurable at load.
         self._id_prefix = "rgr_" + secrets.token_hex(8)
         self._ids = itertools.count(1)
         self.guard = Guard(state_for_url(self.settings.store_url))
