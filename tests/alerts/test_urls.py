@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from resgov.alerts.resolver import GuardedResolver
 from resgov.alerts.urls import (
-    GuardedResolver,
     RefusedAddress,
     UnsafeURL,
     allow_private_from_env,

@@ -34,9 +34,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from resgov import __version__
 from resgov.alerts.events import (
@@ -47,7 +45,6 @@ from resgov.alerts.events import (
     test_event,
     threshold_crossings,
 )
-from resgov.alerts.redis_store import RedisAlertStore
 from resgov.alerts.render import DESTINATION_TYPES, render
 from resgov.alerts.signing import EVENT_ID_HEADER, SIGNATURE_HEADER, new_secret, signature_header
 from resgov.alerts.store import (
@@ -62,7 +59,6 @@ from resgov.alerts.store import (
     with_attempt,
 )
 from resgov.alerts.urls import (
-    GuardedResolver,
     RefusedAddress,
     Resolve,
     UnsafeURL,
@@ -80,6 +76,9 @@ log = logging.getLogger("resgov.alerts")
 #: Called after every delivery attempt with ``(destination type, outcome)``; outcome is one of
 #: ``delivered``, ``retried``, ``dead_lettered``, ``refused`` (a refused address; also retried/dead-lettered).
 DeliveryHook = Callable[[str, str], None]
+
+if TYPE_CHECKING:  # aiohttp is imported when the first webhook is sent, redis for a Redis store
+    import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +152,10 @@ class Sender:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            import aiohttp
+
+            from resgov.alerts.resolver import GuardedResolver
+
             connector = aiohttp.TCPConnector(
                 resolver=GuardedResolver(self.allow_private, self._resolve),
                 # Resolve (and check) on every new connection: a cached answer would let a
@@ -202,6 +205,8 @@ class Sender:
             return DeliveryResult(False, None, str(exc), elapsed(), refused=True)
         body, headers = self.build(dest, event, attempt)
         session = self._open()
+        import aiohttp  # already loaded by _open
+
         try:
             async with session.post(dest.url, data=body, headers=headers, allow_redirects=False) as resp:
                 # Drain a little of the answer so the connection can be reused; its content is not needed.
@@ -290,6 +295,8 @@ class Alerts:
         url: str = settings.store_url
         store: AlertStore
         if url.startswith(("redis://", "rediss://", "unix://")):
+            from resgov.alerts.redis_store import RedisAlertStore
+
             store = RedisAlertStore(url)
         else:
             # Imported here: the policy loader imports this package, and needs no ledger code.

@@ -4,7 +4,7 @@ A webhook URL is operator-supplied but its *host* may resolve anywhere: an
 attacker-controlled name can point at ``169.254.169.254`` (cloud metadata) or at an
 internal service, or answer with a public address at creation and a private one
 later (DNS rebinding). So the address is checked twice: when the webhook is created
-(:func:`check_url`) and at every send, by :class:`GuardedResolver`, the resolver of
+(:func:`check_url`) and at every send, by :class:`~resgov.alerts.resolver.GuardedResolver`, the resolver of
 the delivery session: aiohttp connects to exactly the addresses it returned, which
 are the ones that were checked (no second lookup in between). IP-literal hosts never
 reach a resolver, so :func:`check_literal` runs before each send too.
@@ -24,8 +24,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
-
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 ALLOW_PRIVATE_ENV = "RESGOV_ALLOW_PRIVATE_WEBHOOKS"
 MAX_URL_LENGTH = 2048
@@ -144,46 +142,6 @@ async def check_url(url: str, allow_private: bool, resolve: Resolve = system_res
 
 class RefusedAddress(OSError):
     """Raised inside the connector when a host resolves to a refused address (the send fails)."""
-
-
-class GuardedResolver(AbstractResolver):
-    """aiohttp resolver that returns only checked addresses, and refuses a host with any refused one.
-
-    One refused address refuses the whole host: an attacker answering with a public and a
-    private address must not get a connection attempt to the private one.
-    """
-
-    def __init__(self, allow_private: bool, resolve: Resolve = system_resolve) -> None:
-        self.allow_private = allow_private
-        self._resolve = resolve
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """Resolve ``host`` and check every address (``family`` is ignored: both families are checked)."""
-        addresses = await self._resolve(host, port)
-        if not addresses:
-            raise RefusedAddress(f"{host} resolves to no address")
-        out: list[ResolveResult] = []
-        for fam, address in addresses:
-            if not self.allow_private:
-                reason = refused_reason(address)
-                if reason:
-                    raise RefusedAddress(f"refused at send time: {host} resolves to {reason}")
-            out.append(
-                ResolveResult(
-                    hostname=host,
-                    host=address,
-                    port=port,
-                    family=fam,
-                    proto=0,
-                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-                )
-            )
-        return out
-
-    async def close(self) -> None:
-        """Nothing to release."""
 
 
 def redact_url(url: str) -> str:

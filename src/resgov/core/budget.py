@@ -8,7 +8,7 @@ the shared contract suite holds both to the same answers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -30,12 +30,13 @@ class BudgetLine:
     limit: int
     window_start: int
     resets_at: int | None
+    #: The ledger key of this line, unique within its org (computed once: every reservation,
+    #: settlement and cost header looks it up).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """The ledger key of this line, unique within its org."""
+    def __post_init__(self) -> None:
         who = f"a:{self.agent}" if self.level == "agent" else "o"
-        return f"{who}:{self.period}:{self.window_start}"
+        object.__setattr__(self, "key", f"{who}:{self.period}:{self.window_start}")
 
     @property
     def reason(self) -> str:
@@ -55,6 +56,10 @@ class LineState:
     def used(self) -> int:
         """What a new reservation must fit beside."""
         return self.spent + self.reserved
+
+
+#: The state of a line nothing was ever spent or reserved on.
+_NO_SPEND = LineState()
 
 
 def lines_for(
@@ -82,7 +87,7 @@ def first_misfit(
 ) -> BudgetLine | None:
     """The first line that cannot take ``amount`` more, or ``None`` if all can (all-or-nothing)."""
     for line in lines:
-        state = states.get(line.key, LineState())
+        state = states.get(line.key, _NO_SPEND)
         if state.used + amount > line.limit:
             return line
     return None
@@ -92,7 +97,7 @@ def remaining(lines: Sequence[BudgetLine], states: Mapping[str, LineState]) -> i
     """The smallest ``limit - spent - reserved`` over the lines (never below 0); None if no lines."""
     if not lines:
         return None
-    return min(max(0, line.limit - states.get(line.key, LineState()).used) for line in lines)
+    return min(max(0, line.limit - states.get(line.key, _NO_SPEND).used) for line in lines)
 
 
 @dataclass(frozen=True, slots=True)

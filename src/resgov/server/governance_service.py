@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from resgov.core.overlay import SYSTEM_ORG, GovernedPolicy, Snapshot, compile_snapshot, govern, price_json
@@ -205,6 +204,8 @@ class GovernanceService:
 
     async def refresh_prices(self, url: str | None = None) -> PriceRefresh:
         """Fetch an OpenRouter-format price list; on any failure the old prices stay in force."""
+        import aiohttp  # only when prices are refreshed: it costs memory the proxy does not need
+
         source = url or self.price_source_url
         started = time.time()
         try:
