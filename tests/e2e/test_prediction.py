@@ -394,6 +394,27 @@ def test_exhaustion_events_for_the_alert(world: World) -> None:
     assert asyncio.run(run(10 * 3600)) == []
 
 
+def test_exhaustion_events_are_the_same_read_in_tiny_pages(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alert loop sums the lookback page by page; page boundaries must not change a forecast."""
+    import resgov.server.dashboard as dashboard
+
+    async def run() -> list[tuple[Any, ...]]:
+        store = SQLiteStore(world.proxy.db)
+        await store.open()
+        try:
+            events = await exhaustion_events(store, world.policy, horizon_seconds=30 * 86_400, now=world.t0)
+        finally:
+            await store.close()
+        return sorted((e.event_id, e.remaining, e.rate_per_hour, e.exhausts_at) for e in events)
+
+    whole = asyncio.run(run())
+    assert len(whole) >= 2
+    monkeypatch.setattr(dashboard, "_PAGE", 3)
+    assert asyncio.run(run()) == whole
+
+
 def test_dashboard_page_is_served_with_a_strict_csp(world: World) -> None:
     r = httpx.get(f"{world.proxy.url}/dash")
     assert r.status_code == 200

@@ -99,33 +99,52 @@ class Buckets:
         return sum(1 for a in self.amounts if a > 0)
 
 
+class BucketSums:
+    """Clock-aligned buckets covering a lookback, filled one event at a time.
+
+    For spend read page by page (a busy org's lookback can hold hundreds of thousands of
+    audit rows): only the sums are kept, never the events.
+    """
+
+    __slots__ = ("_amounts", "_current", "_full", "_now", "_size", "_start")
+
+    def __init__(self, now: float, lookback_seconds: float, bucket_seconds: int) -> None:
+        if bucket_seconds <= 0:
+            raise ValueError("bucket_seconds must be positive")
+        self._now = now
+        self._size = bucket_seconds
+        self._current = math.floor(now / bucket_seconds) * bucket_seconds
+        self._full = max(1, math.ceil(lookback_seconds / bucket_seconds))
+        self._start = self._current - self._full * bucket_seconds
+        self._amounts = [0] * (self._full + 1)
+
+    def add(self, at: float, amount: int) -> None:
+        """Count one event. Events before the first bucket are dropped; events stamped after
+        ``now`` (another instance's clock running slightly ahead) are counted in the partial
+        bucket rather than lost."""
+        if at < self._start or amount <= 0:
+            return
+        self._amounts[min(self._full, int((at - self._start) // self._size))] += amount
+
+    def buckets(self) -> Buckets:
+        """The sums so far."""
+        return Buckets(
+            start=float(self._start),
+            bucket_seconds=self._size,
+            amounts=tuple(self._amounts),
+            elapsed=self._now - self._current,
+            now=self._now,
+        )
+
+
 def bucketize(
     events: Iterable[tuple[float, int]], now: float, lookback_seconds: float, bucket_seconds: int
 ) -> Buckets:
-    """Sum ``(timestamp, amount)`` events into clock-aligned buckets covering the lookback.
-
-    Events before the first bucket are dropped; events stamped after ``now`` (another
-    instance's clock running slightly ahead) are counted in the partial bucket rather
-    than lost.
-    """
-    if bucket_seconds <= 0:
-        raise ValueError("bucket_seconds must be positive")
-    current = math.floor(now / bucket_seconds) * bucket_seconds
-    full = max(1, math.ceil(lookback_seconds / bucket_seconds))
-    start = current - full * bucket_seconds
-    amounts = [0] * (full + 1)
+    """Sum ``(timestamp, amount)`` events into clock-aligned buckets covering the lookback."""
+    sums = BucketSums(now, lookback_seconds, bucket_seconds)
     for at, amount in events:
-        if at < start or amount <= 0:
-            continue
-        index = min(full, int((at - start) // bucket_seconds))
-        amounts[index] += amount
-    return Buckets(
-        start=float(start),
-        bucket_seconds=bucket_seconds,
-        amounts=tuple(amounts),
-        elapsed=now - current,
-        now=now,
-    )
+        sums.add(at, amount)
+    return sums.buckets()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -35,6 +35,7 @@ from resgov.core.budget import BudgetLine, LineState, lines_for
 from resgov.core.errors import InvalidValue, NotFound, StoreUnavailable
 from resgov.core.forecast import (
     Buckets,
+    BucketSums,
     Forecast,
     bucket_seconds_for,
     bucketize,
@@ -115,33 +116,44 @@ def _hints(request: Request) -> _ScanHints:
     return hints
 
 
+async def _pages(
+    store: Store, org: str, since: float, hints: _ScanHints | None = None
+) -> AsyncIterator[list[tuple[int, AuditEntry]]]:
+    """The audit rows of ``org`` that started at or after ``since``, oldest first, a page at a time."""
+    after = hints.start(org, since) if hints else 0
+    seen = 0
+    while seen < _MAX_ROWS:
+        page = await store.audit(AuditQuery(org=org, since=since, after_seq=after, limit=_PAGE))
+        if page:
+            if hints is not None and seen == 0:
+                hints.remember(org, since, page[0][0] - 1)
+            seen += len(page)
+            yield page
+        if len(page) < _PAGE:
+            break
+        after = page[-1][0]
+
+
 async def _scan(
     store: Store, org: str, since: float, hints: _ScanHints | None = None
 ) -> list[tuple[int, AuditEntry]]:
     """Every audit row of ``org`` that started at or after ``since``, oldest first."""
-    after = hints.start(org, since) if hints else 0
     rows: list[tuple[int, AuditEntry]] = []
-    while len(rows) < _MAX_ROWS:
-        page = await store.audit(AuditQuery(org=org, since=since, after_seq=after, limit=_PAGE))
+    async for page in _pages(store, org, since, hints):
         rows.extend(page)
-        if len(page) < _PAGE:
-            break
-        after = page[-1][0]
-    if hints is not None and rows:
-        hints.remember(org, since, rows[0][0] - 1)
     return rows
+
+
+def _spend_events_of(rows: Iterable[tuple[int, AuditEntry]]) -> Iterator[tuple[float, int, str]]:
+    """``(finished_at, actual, agent)`` of settled rows with a charge."""
+    for _, entry in rows:
+        if entry.actual > 0 and entry.finished_at is not None and entry.status != "in_flight":
+            yield entry.finished_at, entry.actual, entry.agent
 
 
 def _spend_events(rows: Iterable[tuple[int, AuditEntry]], agent: str | None) -> list[tuple[float, int]]:
     """``(finished_at, actual)`` of settled rows with a charge (of one agent, or all)."""
-    return [
-        (entry.finished_at, entry.actual)
-        for _, entry in rows
-        if entry.actual > 0
-        and entry.finished_at is not None
-        and entry.status != "in_flight"
-        and (agent is None or entry.agent == agent)
-    ]
+    return [(at, actual) for at, actual, who in _spend_events_of(rows) if agent is None or who == agent]
 
 
 # --- forecasts per budget line -----------------------------------------------------------------
@@ -327,12 +339,20 @@ async def exhaustion_events(
             lines += [(ln, agent.agent_id) for ln in policy.budget_lines(agent, wall) if ln.level == "agent"]
         if not lines:
             continue
-        rows = await _scan(store, org, at - lookback - size - _START_SLACK)
+        # Runs every minute on every instance: the lookback is summed page by page, so memory
+        # stays flat however many calls it holds (materialised rows once cost 30 MB here at load).
+        sums = {agent_id: BucketSums(at, lookback, size) for _, agent_id in lines}
+        whole = sums.get(None)
+        async for page in _pages(store, org, at - lookback - size - _START_SLACK):
+            for at_, actual, spender in _spend_events_of(page):
+                if whole is not None:
+                    whole.add(at_, actual)
+                own = sums.get(spender)
+                if own is not None:
+                    own.add(at_, actual)
         states = await store.line_states(org, [ln.key for ln, _ in lines])
-        buckets_by: dict[str | None, Buckets] = {}
+        buckets_by = {agent_id: s.buckets() for agent_id, s in sums.items()}
         for line, agent_id in lines:
-            if agent_id not in buckets_by:
-                buckets_by[agent_id] = bucketize(_spend_events(rows, agent_id), at, lookback, size)
             state = states.get(line.key, LineState())
             f = forecast(buckets_by[agent_id], limit=line.limit, used=state.used, resets_at=line.resets_at)
             if (
