@@ -411,7 +411,7 @@ def test_exhaustion_events_are_the_same_read_in_tiny_pages(
 
     whole = asyncio.run(run())
     assert len(whole) >= 2
-    monkeypatch.setattr(dashboard, "_PAGE", 3)
+    monkeypatch.setattr(dashboard, "_ALERT_PAGE", 3)
     assert asyncio.run(run()) == whole
 
 
