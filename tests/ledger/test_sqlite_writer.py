@@ -13,9 +13,11 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from resgov.ledger.sqlite import SQLiteStore
 from resgov.ledger.store import AuditQuery, StoreError
@@ -39,105 +41,95 @@ async def opened(tmp_path: Path) -> SQLiteStore:
     return store
 
 
-async def test_lines_in_the_file_match_after_every_batch(tmp_path: Path) -> None:
-    store = await opened(tmp_path)
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An opened SQLite store on a fresh file (closed after the test)."""
+    opened_store = await opened(tmp_path)
     try:
-        results = await asyncio.gather(*(reserve(store, f"r{i}", 100, LINES) for i in range(50)))
-        assert all(r.ok for r in results)
-        # Everything the callers were told is already committed, line by line.
-        assert set(file_lines(store.path).values()) == {(0, 5_000)}
-        await asyncio.gather(*(finish(store, f"r{i}", "actual", 40) for i in range(50)))
-        assert set(file_lines(store.path).values()) == {(2_000, 0)}
-        assert store.batched_ops > store.batches  # they really shared batches
+        yield opened_store
     finally:
-        await store.close()
+        await opened_store.close()
 
 
-async def test_a_write_by_another_connection_is_seen_by_the_next_reserve(tmp_path: Path) -> None:
-    store = await opened(tmp_path)
-    try:
-        assert (await reserve(store, "r1", 1_000, LINES)).ok
-        # Another process (`resgov store migrate`, an operator) rewrites the agent line's spend.
-        conn = sqlite3.connect(store.path, isolation_level=None)
-        conn.execute("UPDATE budget_line SET spent = 8500 WHERE key = ?", (LINES[0].key,))
-        conn.close()
-        refused = await reserve(store, "r2", 1_000, LINES)
-        assert not refused.ok and refused.refused == LINES[0]
-        assert refused.states[LINES[0].key].used == 9_500
-        assert (await reserve(store, "r3", 500, LINES)).ok
-        await finish(store, "r1", "actual", 0)
-        await finish(store, "r3", "actual", 500)
-        assert file_lines(store.path)[LINES[0].key] == (9_000, 0)
-    finally:
-        await store.close()
+async def test_lines_in_the_file_match_after_every_batch(store: SQLiteStore) -> None:
+    results = await asyncio.gather(*(reserve(store, f"r{i}", 100, LINES) for i in range(50)))
+    assert all(r.ok for r in results)
+    # Everything the callers were told is already committed, line by line.
+    assert set(file_lines(store.path).values()) == {(0, 5_000)}
+    await asyncio.gather(*(finish(store, f"r{i}", "actual", 40) for i in range(50)))
+    assert set(file_lines(store.path).values()) == {(2_000, 0)}
+    assert store.batched_ops > store.batches  # they really shared batches
 
 
-async def test_a_failing_operation_is_undone_alone(tmp_path: Path) -> None:
-    store = await opened(tmp_path)
-    try:
-        assert (await reserve(store, "dup", 100, LINES)).ok
-        # In one batch: good reservations around one that reuses an id (its INSERT fails).
-        outcomes = await asyncio.gather(
-            reserve(store, "a", 100, LINES),
-            reserve(store, "dup", 100, LINES),
-            reserve(store, "b", 100, LINES),
-            return_exceptions=True,
-        )
-        assert outcomes[0].ok and outcomes[2].ok  # type: ignore[union-attr]
-        assert isinstance(outcomes[1], StoreError)
-        assert set(file_lines(store.path).values()) == {(0, 300)}
-        assert {k: s.reserved for k, s in (await states(store, LINES)).items()} == {
-            line.key: 300 for line in LINES
-        }
-        audit = await store.audit(AuditQuery(org="acme", limit=100))
-        assert sorted(e.request_id for _, e in audit) == ["a", "b", "dup"]
-    finally:
-        await store.close()
+async def test_a_write_by_another_connection_is_seen_by_the_next_reserve(store: SQLiteStore) -> None:
+    assert (await reserve(store, "r1", 1_000, LINES)).ok
+    # Another process (`resgov store migrate`, an operator) rewrites the agent line's spend.
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    conn.execute("UPDATE budget_line SET spent = 8500 WHERE key = ?", (LINES[0].key,))
+    conn.close()
+    refused = await reserve(store, "r2", 1_000, LINES)
+    assert not refused.ok and refused.refused == LINES[0]
+    assert refused.states[LINES[0].key].used == 9_500
+    assert (await reserve(store, "r3", 500, LINES)).ok
+    await finish(store, "r1", "actual", 0)
+    await finish(store, "r3", "actual", 500)
+    assert file_lines(store.path)[LINES[0].key] == (9_000, 0)
 
 
-async def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(tmp_path: Path) -> None:
-    store = await opened(tmp_path)
-    try:
-        assert (await reserve(store, "r0", 100, LINES)).ok
-        other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # holds the write lock
-        release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
-        release.start()
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        t = asyncio.create_task(ticker())
-        started = time.monotonic()
-        assert (await reserve(store, "r1", 100, LINES)).ok
-        waited = time.monotonic() - started
-        t.cancel()
-        release.join()
-        other.close()
-        assert waited >= 0.25
-        assert ticks >= 10  # the loop kept running while the batch waited for the lock
-        assert set(file_lines(store.path).values()) == {(0, 200)}
-    finally:
-        await store.close()
+async def test_a_failing_operation_is_undone_alone(store: SQLiteStore) -> None:
+    assert (await reserve(store, "dup", 100, LINES)).ok
+    # In one batch: good reservations around one that reuses an id (its INSERT fails).
+    outcomes = await asyncio.gather(
+        reserve(store, "a", 100, LINES),
+        reserve(store, "dup", 100, LINES),
+        reserve(store, "b", 100, LINES),
+        return_exceptions=True,
+    )
+    assert outcomes[0].ok and outcomes[2].ok  # type: ignore[union-attr]
+    assert isinstance(outcomes[1], StoreError)
+    assert set(file_lines(store.path).values()) == {(0, 300)}
+    assert {k: s.reserved for k, s in (await states(store, LINES)).items()} == {
+        line.key: 300 for line in LINES
+    }
+    audit = await store.audit(AuditQuery(org="acme", limit=100))
+    assert sorted(e.request_id for _, e in audit) == ["a", "b", "dup"]
 
 
-async def test_callers_on_another_loop_are_served(tmp_path: Path) -> None:
-    store = await opened(tmp_path)
-    try:
-        result: list[bool] = []
+async def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(store: SQLiteStore) -> None:
+    assert (await reserve(store, "r0", 100, LINES)).ok
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    ticks = 0
 
-        def elsewhere() -> None:
-            result.append(asyncio.run(reserve(store, "x", 100, LINES)).ok)
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
 
-        await asyncio.get_running_loop().run_in_executor(None, elsewhere)
-        assert result == [True]
-        assert set(file_lines(store.path).values()) == {(0, 100)}
-    finally:
-        await store.close()
+    t = asyncio.create_task(ticker())
+    started = time.monotonic()
+    assert (await reserve(store, "r1", 100, LINES)).ok
+    waited = time.monotonic() - started
+    t.cancel()
+    release.join()
+    other.close()
+    assert waited >= 0.25
+    assert ticks >= 10  # the loop kept running while the batch waited for the lock
+    assert set(file_lines(store.path).values()) == {(0, 200)}
+
+
+async def test_callers_on_another_loop_are_served(store: SQLiteStore) -> None:
+    result: list[bool] = []
+
+    def elsewhere() -> None:
+        result.append(asyncio.run(reserve(store, "x", 100, LINES)).ok)
+
+    await asyncio.get_running_loop().run_in_executor(None, elsewhere)
+    assert result == [True]
+    assert set(file_lines(store.path).values()) == {(0, 100)}
 
 
 async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
@@ -152,7 +144,7 @@ async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
 
 
 async def test_a_reservation_is_fsynced_before_it_returns_and_a_settlement_is_not(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import resgov.ledger.sqlite_writer as writer
 
@@ -164,13 +156,9 @@ async def test_a_reservation_is_fsynced_before_it_returns_and_a_settlement_is_no
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
 
     monkeypatch.setattr(writer.os, "fsync", recording_fsync)
-    store = await opened(tmp_path)
-    try:
-        assert (await reserve(store, "r1", 100, LINES)).ok
-        assert synced and synced[-1] == store.path + "-wal"
-        count = len(synced)
-        await finish(store, "r1", "actual", 50)  # charge mode: visible at once, no fsync of its own
-        assert len(synced) == count
-        assert set(file_lines(store.path).values()) == {(50, 0)}
-    finally:
-        await store.close()
+    assert (await reserve(store, "r1", 100, LINES)).ok
+    assert synced and synced[-1] == store.path + "-wal"
+    count = len(synced)
+    await finish(store, "r1", "actual", 50)  # charge mode: visible at once, no fsync of its own
+    assert len(synced) == count
+    assert set(file_lines(store.path).values()) == {(50, 0)}

@@ -287,9 +287,7 @@ class GroupCommitWriter:
             self._begin_waiting(conn)
             self.lines.begin(conn)
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            _fail(batch, f"sqlite: cannot begin: {exc}")
+            self._abandon(conn, batch, f"sqlite: cannot begin: {exc}")
             return
         now = time.time()
         for op in batch:
@@ -306,12 +304,16 @@ class GroupCommitWriter:
         try:
             self.lines.flush(conn)
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self.lines.drop()
-            _fail(batch, f"sqlite: cannot write budget lines: {exc}")
+            self._abandon(conn, batch, f"sqlite: cannot write budget lines: {exc}")
             return
         self._commit(conn, batch, durable)
+
+    def _abandon(self, conn: sqlite3.Connection, batch: list[Op], message: str) -> None:
+        """Roll the batch back, forget the line cache (it may hold the batch's moves), fail every op."""
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        self.lines.drop()
+        _fail(batch, message)
 
     @staticmethod
     def _begin_waiting(conn: sqlite3.Connection) -> None:
@@ -334,10 +336,7 @@ class GroupCommitWriter:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self.lines.drop()
-            _fail(batch, f"sqlite: commit failed: {exc}")
+            self._abandon(conn, batch, f"sqlite: commit failed: {exc}")
             return
         if durable:
             try:
