@@ -162,3 +162,26 @@ async def test_a_reservation_is_fsynced_before_it_returns_and_a_settlement_is_no
     await finish(store, "r1", "actual", 50)  # charge mode: visible at once, no fsync of its own
     assert len(synced) == count
     assert set(file_lines(store.path).values()) == {(50, 0)}
+
+
+async def test_a_bug_on_the_commit_thread_fails_its_batch_and_the_writer_goes_on(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resgov.ledger.sqlite_writer as writer
+
+    real_commit = writer.GroupCommitWriter._commit
+    calls = 0
+
+    def broken_once(self: writer.GroupCommitWriter, conn: sqlite3.Connection, batch: list[writer.Op],
+                    durable: bool) -> None:  # fmt: skip
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        real_commit(self, conn, batch, durable)
+
+    monkeypatch.setattr(writer.GroupCommitWriter, "_commit", broken_once)
+    with pytest.raises(StoreError, match="boom"):
+        await asyncio.wait_for(reserve(store, "r1", 100, LINES), 5)
+    assert (await asyncio.wait_for(reserve(store, "r2", 100, LINES), 5)).ok
+    assert set(file_lines(store.path).values()) == {(0, 100)}

@@ -230,18 +230,26 @@ class GroupCommitWriter:
         self._busy = True
         durable = any(op.durable for op in batch)
         done: concurrent.futures.Future[None]
-        if all(op.inline for op in batch) and self._apply_inline(conn, batch):
-            if not durable and self._unchecked < CHECKPOINT_EVERY:
-                self._commit(conn, batch, durable=False)
-                self._finish(batch)
-                return
-            done = self._committer.submit(self._commit, conn, batch, durable)
-        else:
-            done = self._committer.submit(self._apply, conn, batch, durable)
-        done.add_done_callback(lambda _f: self._wake(batch))
+        try:
+            if all(op.inline for op in batch) and self._apply_inline(conn, batch):
+                if not durable and self._unchecked < CHECKPOINT_EVERY:
+                    self._commit(conn, batch, durable=False)
+                    self._finish(batch)
+                    return
+                done = self._committer.submit(self._commit, conn, batch, durable)
+            else:
+                done = self._committer.submit(self._apply, conn, batch, durable)
+        except Exception as exc:  # never leave the writer busy forever: every later write would hang
+            self._abandon(conn, batch, f"sqlite: {type(exc).__name__}: {exc}")
+            self._finish(batch)
+            return
+        done.add_done_callback(lambda f: self._wake(batch, f))
 
-    def _wake(self, batch: list[Op]) -> None:
+    def _wake(self, batch: list[Op], done: concurrent.futures.Future[None]) -> None:
         """On the commit thread: hand the committed batch back to the loop."""
+        exc = done.exception()
+        if exc is not None:  # a bug, not a database error (those are caught where they happen)
+            self._abandon(self._conn, batch, f"sqlite: {type(exc).__name__}: {exc}")
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
@@ -308,10 +316,11 @@ class GroupCommitWriter:
             return
         self._commit(conn, batch, durable)
 
-    def _abandon(self, conn: sqlite3.Connection, batch: list[Op], message: str) -> None:
+    def _abandon(self, conn: sqlite3.Connection | None, batch: list[Op], message: str) -> None:
         """Roll the batch back, forget the line cache (it may hold the batch's moves), fail every op."""
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         self.lines.drop()
         _fail(batch, message)
 
