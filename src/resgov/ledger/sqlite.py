@@ -247,9 +247,6 @@ class SQLiteStore:
         amount = request.amount
         keys = list(dict.fromkeys(line.key for line in request.lines))
         entry = request.audit
-        entry.reserved = amount
-        entry.status = "in_flight"
-        audit_row = _audit_row(entry)
         lines = self._lines
 
         def op(conn: sqlite3.Connection, now: float) -> ReserveOutcome:
@@ -263,7 +260,9 @@ class SQLiteStore:
                 (request.reservation_id, org, request.agent, amount, "\x1f".join(keys),
                  now + request.ttl_seconds, now),
             )  # fmt: skip
-            conn.execute(_INSERT_AUDIT, audit_row)
+            entry.reserved = amount
+            entry.status = "in_flight"
+            conn.execute(_INSERT_AUDIT, _audit_row(entry))
             after = {k: LineState(s.spent, s.reserved + amount) for k, s in states.items()}
             for key, state in after.items():
                 lines.put(org, key, state)
