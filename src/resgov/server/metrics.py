@@ -527,7 +527,7 @@ class ObservedStore:
         self._refused: dict[str, _Refusal] = {}
 
     def __getattr__(self, attr: str) -> Any:
-        # Only reached for attributes not defined here: backend extras (flush, write_sync…).
+        # Only reached for attributes not defined here: backend extras (flush…).
         return getattr(self.inner, attr)
 
     # -- helpers ---------------------------------------------------------------------------------
