@@ -18,6 +18,7 @@ from resgov.core.bounds import (
     REQUEST_OVERHEAD_TOKENS,
     TOOLS_OVERHEAD_TOKENS,
     input_bound,
+    string_bytes,
 )
 
 _MEDIA_OR_DOC = MEDIA_PART_TYPES | {"file", "document", "input_file"}
@@ -178,3 +179,24 @@ def test_media_part_never_subtracts_more_than_the_client_sent() -> None:
     messages = orjson.loads(raw)["messages"]
     bound = input_bound(len(raw), messages, len(messages), False, None)
     assert bound.tokens >= text_len + IMAGE_PART_TOKENS
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=25,
+)
+
+
+@given(_JSON)
+def test_string_bytes_counts_the_utf8_of_every_string_value(value: object) -> None:
+    def utf8_of_strings(v: object) -> int:
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, dict):
+            return sum(utf8_of_strings(x) for x in v.values())
+        if isinstance(v, list):
+            return sum(utf8_of_strings(x) for x in v)
+        return 0
+
+    assert string_bytes(value) == utf8_of_strings(value)

@@ -60,12 +60,21 @@ def _media_parts(value: Any, found: list[tuple[str, Any]]) -> None:
 def string_bytes(value: Any) -> int:
     """UTF-8 bytes of every string inside a JSON value (its text content, keys excluded)."""
     if isinstance(value, str):
-        return len(value.encode())
+        return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, dict):
-        return sum(string_bytes(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(string_bytes(v) for v in value)
-    return 0
+        items: Any = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return 0
+    # Runs on every chunk of every stream: strings counted here, only containers recurse.
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            total += len(item) if item.isascii() else len(item.encode())
+        elif isinstance(item, dict | list):
+            total += string_bytes(item)
+    return total
 
 
 def input_bound(

@@ -17,6 +17,11 @@ EventHook = Callable[[bytes], bool]
 
 def event_data(event: bytes) -> bytes:
     """The ``data`` payload of one event (multi-line data joined with newlines)."""
+    if event.startswith(b"data: "):
+        # The usual event, one data line (every chunk of a stream): no split, no join.
+        line = event[6:].rstrip(b"\r\n")
+        if b"\n" not in line and b"\r" not in line:
+            return line
     parts = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
