@@ -20,7 +20,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import json_request
-from resgov.providers.sse import SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
 
 #: Largest ``max_tokens`` ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -421,7 +421,7 @@ def anthropic_error_event(kind: str, message: str) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-class MessagesStreamScanner:
+class MessagesStreamScanner(ForwardedStream):
     """Forwards an Anthropic stream byte for byte while reading its usage.
 
     ``message_stop`` (and anything after it) is held back until :meth:`finish`, so the
@@ -464,16 +464,6 @@ class MessagesStreamScanner:
     def done(self) -> bool:
         """``message_stop`` arrived."""
         return self.events.done
-
-    def feed(self, data: bytes) -> bytes:
-        """Bytes from upstream in, whole events to forward out (unchanged)."""
-        return self.splitter.feed(data)
-
-    def finish(self) -> bytes:
-        """Any unterminated tail, then the held ``message_stop``."""
-        tail = self.splitter.flush()
-        held, self.held = self.held, b""
-        return tail + held
 
     def error_event(self, kind: str, message: str) -> bytes:
         """An Anthropic ``error`` event."""

@@ -13,7 +13,7 @@ from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
-from resgov.providers.sse import SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -198,7 +198,7 @@ def response_content_bytes(body: Any) -> int:
 
 
 @dataclass(slots=True)
-class ChatStreamScanner:
+class ChatStreamScanner(ForwardedStream):
     """Watches an OpenAI chat stream: usage, content bytes, the upstream id.
 
     When the client did not ask for usage, the usage-only chunk ResGov requested is
@@ -256,16 +256,6 @@ class ChatStreamScanner:
     def error_event(self, kind: str, message: str) -> bytes:
         """An SSE event the OpenAI SDKs raise as an APIError."""
         return b"data: " + orjson.dumps({"error": {"type": kind, "message": message}}) + b"\n\n"
-
-    def feed(self, data: bytes) -> bytes:
-        """Bytes from upstream in, bytes to forward out."""
-        return self.splitter.feed(data)
-
-    def finish(self) -> bytes:
-        """The end of the stream: any unterminated tail, then the held ``[DONE]``."""
-        tail = self.splitter.flush()
-        held, self.held = self.held, b""
-        return tail + held
 
 
 def is_openai(provider: ProviderPolicy) -> bool:

@@ -13,7 +13,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, json_request, tool_names, usage_from_openai
-from resgov.providers.sse import SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
 
 #: Events that end a response; they carry its usage and are held back until settlement.
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
@@ -59,7 +59,7 @@ def parse_responses(raw: bytes) -> ParsedRequest:
 
 
 @dataclass(slots=True)
-class ResponsesStreamScanner:
+class ResponsesStreamScanner(ForwardedStream):
     """Forwards Responses events unchanged; usage from the terminal event, held back until settled."""
 
     content_bytes: int = 0
@@ -106,16 +106,6 @@ class ResponsesStreamScanner:
                 self.held += event
                 return False
         return True
-
-    def feed(self, data: bytes) -> bytes:
-        """Upstream bytes in, whole events out."""
-        return self.splitter.feed(data)
-
-    def finish(self) -> bytes:
-        """Any unterminated tail, then the held terminal event."""
-        tail = self.splitter.flush()
-        held, self.held = self.held, b""
-        return tail + held
 
     def error_event(self, kind: str, message: str) -> bytes:
         """A Responses ``error`` event."""

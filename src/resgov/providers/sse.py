@@ -102,3 +102,52 @@ def _events(chunk: bytes) -> list[bytes]:
     pieces = chunk.split(b"\n\n")
     # split() leaves an empty string after the final terminator.
     return [p + b"\n\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
+class ForwardedStream:
+    """Base of the scanners that forward upstream events unchanged.
+
+    A subclass sets ``splitter`` (with its event hook) and appends the events it holds back
+    (the stream's end, until the call is settled) to ``held``.
+    """
+
+    splitter: SSESplitter
+    held: bytes
+
+    def feed(self, data: bytes) -> bytes:
+        """Upstream bytes in, whole events to forward out (unchanged)."""
+        return self.splitter.feed(data)
+
+    def finish(self) -> bytes:
+        """Any unterminated tail, then the held-back end of the stream."""
+        tail = self.splitter.flush()
+        held, self.held = self.held, b""
+        return tail + held
+
+
+class TranslatedStream:
+    """Base of the scanners that translate each upstream event into ``out``.
+
+    A subclass sets ``splitter`` (its hook writes translated bytes to ``out``) and appends
+    the translated end of the stream, held back until the call is settled, to ``held``.
+    """
+
+    splitter: SSESplitter
+    out: bytearray
+    held: bytes
+
+    def _drain(self) -> bytes:
+        out = bytes(self.out)
+        self.out.clear()
+        return out
+
+    def feed(self, data: bytes) -> bytes:
+        """Upstream bytes in, translated events out."""
+        self.splitter.feed(data)
+        return self._drain()
+
+    def finish(self) -> bytes:
+        """Translated events of an unterminated last event, then the held-back end."""
+        self.splitter.flush()
+        held, self.held = self.held, b""
+        return self._drain() + held

@@ -67,7 +67,7 @@ from resgov.providers.openai import (
     upstream_body,
     usage_from_openai,
 )
-from resgov.providers.sse import SSESplitter, event_data
+from resgov.providers.sse import SSESplitter, TranslatedStream, event_data
 
 Json = dict[str, Any]
 
@@ -799,7 +799,7 @@ def openai_error_event(kind: str, message: str) -> bytes:
     return _sse({"error": {"type": kind, "message": message}})
 
 
-class AnthropicToChatStream:
+class AnthropicToChatStream(TranslatedStream):
     """Consumes an Anthropic Messages stream, emits an OpenAI chat completion stream.
 
     Usage is read from the Anthropic events (priced as Anthropic reports it). The usage
@@ -921,22 +921,6 @@ class AnthropicToChatStream:
         """``message_stop`` arrived."""
         return self.events.done
 
-    def _drain(self) -> bytes:
-        out = bytes(self.out)
-        self.out.clear()
-        return out
-
-    def feed(self, data: bytes) -> bytes:
-        """Anthropic bytes in, OpenAI chunks out."""
-        self.splitter.feed(data)
-        return self._drain()
-
-    def finish(self) -> bytes:
-        """Chunks of an unterminated last event, then the held ``[DONE]``."""
-        self.splitter.flush()
-        held, self.held = self.held, b""
-        return self._drain() + held
-
     def error_event(self, kind: str, message: str) -> bytes:
         """An OpenAI-style error chunk."""
         return openai_error_event(kind, message)
@@ -949,7 +933,7 @@ class _Block:
 
 
 @dataclass
-class ChatToAnthropicStream:
+class ChatToAnthropicStream(TranslatedStream):
     """Consumes an OpenAI chat completion stream, emits Anthropic Messages events.
 
     Content blocks are opened as content arrives (text, then each tool call), closed
@@ -1090,22 +1074,6 @@ class ChatToAnthropicStream:
     def usage(self) -> Usage | None:
         """The upstream's usage chunk, priced as the upstream reports it."""
         return usage_from_openai(self.usage_raw) if self.usage_raw is not None else None
-
-    def _drain(self) -> bytes:
-        out = bytes(self.out)
-        self.out.clear()
-        return out
-
-    def feed(self, data: bytes) -> bytes:
-        """OpenAI chunks in, Anthropic events out."""
-        self.splitter.feed(data)
-        return self._drain()
-
-    def finish(self) -> bytes:
-        """Events of an unterminated last chunk, then the held ``message_stop``."""
-        self.splitter.flush()
-        held, self.held = self.held, b""
-        return self._drain() + held
 
     def error_event(self, kind: str, message: str) -> bytes:
         """An Anthropic ``error`` event."""
