@@ -421,7 +421,33 @@ def anthropic_error_event(kind: str, message: str) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-class MessagesStreamScanner(ForwardedStream):
+class MessagesEventsView:
+    """A scanner's usage, content bytes, upstream id and end, as its Anthropic events told them."""
+
+    events: MessagesEvents
+
+    @property
+    def usage(self) -> Usage | None:
+        """Input side from ``message_start``, output from the last ``message_delta``."""
+        return self.events.merger.usage
+
+    @property
+    def content_bytes(self) -> int:
+        """Bytes of text, tool input and thinking streamed so far."""
+        return self.events.content_bytes
+
+    @property
+    def upstream_id(self) -> str | None:
+        """``message_start.message.id``."""
+        return self.events.upstream_id
+
+    @property
+    def done(self) -> bool:
+        """``message_stop`` arrived."""
+        return self.events.done
+
+
+class MessagesStreamScanner(MessagesEventsView, ForwardedStream):
     """Forwards an Anthropic stream byte for byte while reading its usage.
 
     ``message_stop`` (and anything after it) is held back until :meth:`finish`, so the
@@ -444,26 +470,6 @@ class MessagesStreamScanner(ForwardedStream):
                 return True
         self.held += event
         return False
-
-    @property
-    def usage(self) -> Usage | None:
-        """Input side from ``message_start``, output from the last ``message_delta``."""
-        return self.events.merger.usage
-
-    @property
-    def content_bytes(self) -> int:
-        """Bytes of text, tool input and thinking streamed so far."""
-        return self.events.content_bytes
-
-    @property
-    def upstream_id(self) -> str | None:
-        """``message_start.message.id``."""
-        return self.events.upstream_id
-
-    @property
-    def done(self) -> bool:
-        """``message_stop`` arrived."""
-        return self.events.done
 
     def error_event(self, kind: str, message: str) -> bytes:
         """An Anthropic ``error`` event."""

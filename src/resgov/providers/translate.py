@@ -49,6 +49,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.anthropic import (
     MessagesEvents,
+    MessagesEventsView,
     anthropic_error_event,
     decode_event,
     messages_path,
@@ -799,7 +800,7 @@ def openai_error_event(kind: str, message: str) -> bytes:
     return _sse({"error": {"type": kind, "message": message}})
 
 
-class AnthropicToChatStream(TranslatedStream):
+class AnthropicToChatStream(MessagesEventsView, TranslatedStream):
     """Consumes an Anthropic Messages stream, emits an OpenAI chat completion stream.
 
     Usage is read from the Anthropic events (priced as Anthropic reports it). The usage
@@ -900,26 +901,6 @@ class AnthropicToChatStream(TranslatedStream):
                 )
         elif kind == "thinking_delta" and isinstance(delta.get("thinking"), str):
             self._chunk({"reasoning_content": delta["thinking"]})
-
-    @property
-    def usage(self) -> Usage | None:
-        """Input from ``message_start``, output from the last ``message_delta``."""
-        return self.events.merger.usage
-
-    @property
-    def content_bytes(self) -> int:
-        """Bytes of text, tool input and thinking streamed so far."""
-        return self.events.content_bytes
-
-    @property
-    def upstream_id(self) -> str | None:
-        """The Anthropic message id."""
-        return self.events.upstream_id
-
-    @property
-    def done(self) -> bool:
-        """``message_stop`` arrived."""
-        return self.events.done
 
     def error_event(self, kind: str, message: str) -> bytes:
         """An OpenAI-style error chunk."""
