@@ -694,11 +694,15 @@ class RedisStore:
 
     # -- audit -----------------------------------------------------------------------------------
 
-    async def _log_page(self, index: str, low: str) -> list[tuple[str, int]]:
-        """One chunk of an audit log zset: ``(request id, seq)`` with seq above ``low``."""
-        (raw,) = await self._execute(
-            [("ZRANGEBYSCORE", index, low, "+inf", "WITHSCORES", "LIMIT", 0, _AUDIT_CHUNK)]
-        )
+    async def _log_page(
+        self, index: str, low: str, high: str = "+inf", *, newest_first: bool = False
+    ) -> list[tuple[str, int]]:
+        """One chunk of an audit log zset: ``(request id, seq)`` with ``low < seq < high``, in order."""
+        if newest_first:
+            command: Command = ("ZREVRANGEBYSCORE", index, high, low, "WITHSCORES", "LIMIT", 0, _AUDIT_CHUNK)
+        else:
+            command = ("ZRANGEBYSCORE", index, low, high, "WITHSCORES", "LIMIT", 0, _AUDIT_CHUNK)
+        (raw,) = await self._execute([command])
         return _score_pairs(raw)
 
     async def _matching(
@@ -720,12 +724,22 @@ class RedisStore:
             out.append((seq, entry))
         return out
 
-    async def _audit_org(self, org: str, query: AuditQuery, want: int) -> list[tuple[int, str, AuditEntry]]:
+    async def _audit_org(
+        self,
+        org: str,
+        query: AuditQuery,
+        want: int,
+        *,
+        before_seq: int | None = None,
+        newest_first: bool = False,
+    ) -> list[tuple[int, str, AuditEntry]]:
+        """Up to ``want`` matching entries of one org after ``query.after_seq`` (and below ``before_seq``)."""
         index = self._auditlog(org, query.agent)
         low = f"({query.after_seq}"
+        high = f"({before_seq}" if before_seq is not None else "+inf"
         out: list[tuple[int, str, AuditEntry]] = []
         for _ in range(_AUDIT_MAX_PAGES):
-            pairs = await self._log_page(index, low)
+            pairs = await self._log_page(index, low, high, newest_first=newest_first)
             if not pairs:
                 break
             for seq, entry in await self._matching(org, pairs, query):
@@ -734,7 +748,11 @@ class RedisStore:
                     return out
             if len(pairs) < _AUDIT_CHUNK:
                 break
-            low = f"({pairs[-1][1]}"
+            # The next page starts past the last seq read, in the direction of the walk.
+            if newest_first:
+                high = f"({pairs[-1][1]}"
+            else:
+                low = f"({pairs[-1][1]}"
         return out
 
     async def audit(self, query: AuditQuery) -> list[tuple[int, AuditEntry]]:
@@ -951,29 +969,6 @@ class RedisStore:
             (h,) = await self._execute([("HGETALL", self._audit_key(org, request_id))])
         return _audit_from_hash(h) if h and "entry" in h else None
 
-    async def _audit_org_desc(
-        self, org: str, query: AuditQuery, before_seq: int | None, want: int
-    ) -> list[tuple[int, str, AuditEntry]]:
-        index = self._auditlog(org, query.agent)
-        high = f"({before_seq}" if before_seq is not None else "+inf"
-        low = f"({query.after_seq}"
-        out: list[tuple[int, str, AuditEntry]] = []
-        for _ in range(_AUDIT_MAX_PAGES):
-            (raw,) = await self._execute(
-                [("ZREVRANGEBYSCORE", index, high, low, "WITHSCORES", "LIMIT", 0, _AUDIT_CHUNK)]
-            )
-            pairs = _score_pairs(raw)
-            if not pairs:
-                break
-            for seq, entry in await self._matching(org, pairs, query):
-                out.append((seq, org, entry))
-                if len(out) >= want:
-                    return out
-            if len(pairs) < _AUDIT_CHUNK:
-                break
-            high = f"({pairs[-1][1]}"
-        return out
-
     async def audit_desc(self, query: AuditQuery, before_seq: int | None) -> list[tuple[int, AuditEntry]]:
         """Newest first; ``org=None`` merges every org by sequence, like :meth:`audit`, reversed."""
         if query.limit <= 0:
@@ -981,7 +976,10 @@ class RedisStore:
         with self._errors("audit_desc"):
             orgs = [query.org] if query.org is not None else await self._orgs_list()
             per_org = await asyncio.gather(
-                *(self._audit_org_desc(org, query, before_seq, query.limit + 1) for org in orgs)
+                *(
+                    self._audit_org(org, query, query.limit + 1, before_seq=before_seq, newest_first=True)
+                    for org in orgs
+                )
             )
         merged = list(heapq.merge(*per_org, key=lambda row: (row[0], row[1]), reverse=True))
         page = merged[: query.limit]
