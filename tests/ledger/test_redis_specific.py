@@ -14,9 +14,10 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from resgov.config.redis_url import DEFAULT_PREFIX
 from resgov.core.budget import BudgetLine, LineState
 from resgov.ledger import store_from_url
-from resgov.ledger.redis import DEFAULT_PREFIX, RedisStore, persistence_warning, split_url
+from resgov.ledger.redis import RedisStore, persistence_warning, split_url
 from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,

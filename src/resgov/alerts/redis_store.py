@@ -19,14 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
 
 from resgov.alerts.store import MAX_DEAD_LETTERS, DeadLetter, Destination, OutboxItem
-
-DEFAULT_PREFIX = "resgov"
+from resgov.config.redis_url import split_redis_url
 
 _ENQUEUE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
@@ -66,15 +64,6 @@ return 1
 """
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """``(connection URL, key prefix)``: ``?prefix=`` is ResGov's (as for the ledger), not redis-py's."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefixes = [v for k, v in query if k == "prefix"]
-    rest = [(k, v) for k, v in query if k != "prefix"]
-    return urlunsplit(parts._replace(query=urlencode(rest))), (prefixes[-1] if prefixes else DEFAULT_PREFIX)
-
-
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -85,8 +74,7 @@ class RedisAlertStore:
     name = "redis"
 
     def __init__(self, url: str, *, prefix: str | None = None) -> None:
-        conn_url, url_prefix = split_url(url)
-        self.prefix = prefix or url_prefix
+        conn_url, self.prefix = split_redis_url(url, prefix or None)
         tag = "{" + self.prefix + ":alerts}"
         self._claim = tag + ":claim:"
         self._outbox = tag + ":outbox"

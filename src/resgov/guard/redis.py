@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -33,6 +32,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from resgov.config.redis_url import InvalidRedisPrefix, split_redis_url
 from resgov.guard import lua
 from resgov.guard.state import (
     BASELINE_MINUTES,
@@ -48,21 +48,8 @@ from resgov.guard.state import (
     Verdict,
 )
 
-DEFAULT_PREFIX = "resgov"
 _OUTCOMES: dict[str, Outcome] = {"ok": "ok", "refused": "refused", "tripped": "tripped", "paused": "paused"}
 _KINDS: dict[str, ScopeKind] = {"agent": "agent", "org": "org"}
-
-
-def split_url(url: str, prefix: str | None = None) -> tuple[str, str]:
-    """``(connection URL, key prefix)``: ``?prefix=NAME`` is ResGov's, the rest is redis-py's."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = [v for k, v in query if k == "prefix"]
-    rest = [(k, v) for k, v in query if k != "prefix"]
-    chosen = prefix if prefix is not None else (given[-1] if given else DEFAULT_PREFIX)
-    if not chosen or any(c in chosen for c in "{}*?[]\\"):
-        raise GuardStateError(f"invalid Redis key prefix {chosen!r}")
-    return urlunsplit(parts._replace(query=urlencode(rest))), chosen
 
 
 def _value(raw: str) -> Any:
@@ -107,7 +94,10 @@ class RedisGuardState:
     def __init__(
         self, url: str, *, prefix: str | None = None, clock: Callable[[], float] | None = None
     ) -> None:
-        conn_url, self.prefix = split_url(url, prefix)
+        try:
+            conn_url, self.prefix = split_redis_url(url, prefix)
+        except InvalidRedisPrefix as exc:
+            raise GuardStateError(str(exc)) from None
         #: None: Redis ``TIME`` judges every window (the normal case). Tests inject a clock.
         self.clock = clock
         retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), 3)

@@ -68,7 +68,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -76,6 +75,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
+from resgov.config.redis_url import InvalidRedisPrefix, split_redis_url
 from resgov.core.budget import LineState, SettleKind
 from resgov.ledger import redis_scripts
 from resgov.ledger.store import (
@@ -94,7 +94,6 @@ from resgov.ledger.store import (
 
 log = logging.getLogger("resgov.ledger.redis")
 
-DEFAULT_PREFIX = "resgov"
 _SEP = "\x1f"
 _INT64_MAX = 2**63 - 1
 #: The settle index outlives its lease by this much (it is refreshed by every renewal).
@@ -146,15 +145,11 @@ _SCRIPTS = (_RESERVE, _SETTLE, _RENEW, _EXPIRED, _RECORD, _BOOK)
 
 
 def split_url(url: str, prefix: str | None = None) -> tuple[str, str]:
-    """``(connection URL, key prefix)``: the ``prefix`` query parameter is ResGov's, not redis-py's."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    from_url = [v for k, v in query if k == "prefix"]
-    rest = [(k, v) for k, v in query if k != "prefix"]
-    chosen = prefix if prefix is not None else (from_url[-1] if from_url else DEFAULT_PREFIX)
-    if not chosen or any(c in chosen for c in "{}*?[]\\"):
-        raise StoreError(f"invalid Redis key prefix {chosen!r}: it must be non-empty, without {{}}*?[]\\")
-    return urlunsplit(parts._replace(query=urlencode(rest))), chosen
+    """``(connection URL, key prefix)`` (see :func:`~resgov.config.redis_url.split_redis_url`)."""
+    try:
+        return split_redis_url(url, prefix)
+    except InvalidRedisPrefix as exc:
+        raise StoreError(str(exc)) from None
 
 
 def persistence_warning(config: Mapping[str, str | None]) -> str | None:
