@@ -7,12 +7,19 @@ except under ``CI=true``, where they fail: a CI run must never pass with a backe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+
+from resgov.ledger.redis import RedisStore
+from resgov.ledger.sqlite import SQLiteStore
+from resgov.ledger.store import Store
 
 
 def in_ci() -> bool:
@@ -75,3 +82,27 @@ class TestRedis:
         finally:
             await client.aclose()
         return deleted
+
+    @contextlib.asynccontextmanager
+    async def ledger(self, backend: str, sqlite_path: Path, tag: str) -> AsyncIterator[Store]:
+        """An opened, empty ledger of ``backend``: a SQLite file, or a fresh prefix in this Redis.
+
+        The Redis prefix's keys are deleted afterwards; without Redis it skips (or fails in CI).
+        """
+        if backend == "sqlite":
+            sqlite_store = SQLiteStore(str(sqlite_path))
+            await sqlite_store.open()
+            try:
+                yield sqlite_store
+            finally:
+                await sqlite_store.close()
+            return
+        self.require()
+        prefix = self.new_prefix(tag)
+        redis_store = RedisStore(self.url, prefix=prefix)
+        await redis_store.open()
+        try:
+            yield redis_store
+        finally:
+            await redis_store.close()
+            await self.delete_prefix(prefix)

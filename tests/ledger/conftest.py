@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 
 from resgov.ledger.redis import RedisStore
-from resgov.ledger.sqlite import SQLiteStore
 from resgov.ledger.store import Store
 from tests.redis_support import TestRedis
 
@@ -62,20 +61,5 @@ def redis_url() -> Iterator[str]:
 @pytest_asyncio.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An opened, empty store of each backend."""
-    if request.param == "sqlite":
-        sqlite_store = SQLiteStore(str(tmp_path / "ledger.db"))
-        await sqlite_store.open()
-        try:
-            yield sqlite_store
-        finally:
-            await sqlite_store.close()
-        return
-    require_redis()
-    prefix = new_prefix()
-    redis_store = RedisStore(REDIS_URL, prefix=prefix)
-    await redis_store.open()
-    try:
-        yield redis_store
-    finally:
-        await redis_store.close()
-        await delete_prefix(prefix)
+    async with REDIS.ledger(request.param, tmp_path / "ledger.db", "rgtest") as opened:
+        yield opened
