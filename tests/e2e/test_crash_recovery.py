@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from resgov.simulator.upstream import SimConfig, SimUpstreamThread
+from resgov.simulator.upstream import SimUpstreamThread
 from tests.helpers import ADMIN_TOKEN, Ledger, Proxy, policy_for, resgov_process, sim_cost
 
 pytestmark = pytest.mark.slow
@@ -35,12 +34,6 @@ output_per_mtok = 4.00
 daily_budget = 10
 """
 MSG = [{"role": "user", "content": "work"}]
-
-
-@pytest.fixture
-def sim() -> Iterator[SimUpstreamThread]:
-    with SimUpstreamThread(SimConfig()) as upstream:
-        yield upstream
 
 
 def policy(sim: SimUpstreamThread, extra: str = "") -> str:
