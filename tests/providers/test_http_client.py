@@ -572,6 +572,74 @@ async def test_cancelled_while_waiting_for_headers_drops_the_connection() -> Non
         assert resp.status == 200 and not resp.reused and srv.connections == 2
 
 
+async def test_head_timeout_raises_and_drops_the_connection() -> None:
+    async def slow(req: Req) -> None:
+        if len(req.conn.server.requests) == 1:
+            await asyncio.sleep(1.0)
+        req.conn.write(answer())
+
+    async with RawServer(slow) as srv, client_for() as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await client.request("POST", srv.url(), JSON_CT, CHAT, connect_timeout=2, head_timeout=0.1)
+        assert asyncio.get_running_loop().time() - started < 0.9
+        resp = await client.request("POST", srv.url(), JSON_CT, CHAT, connect_timeout=2, head_timeout=2)
+        assert resp.status == 200 and not resp.reused and srv.connections == 2
+        assert await resp.read() == b"{}" and resp._timer is None
+
+
+async def test_idle_timeout_bounds_each_wait_not_the_whole_body() -> None:
+    """A stream that drips a byte every 50 ms outlives an idle bound of 300 ms; one that stops does not."""
+
+    async def drip(req: Req) -> None:
+        req.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n")
+        for _ in range(12):
+            await asyncio.sleep(0.05)
+            req.conn.write(b"x")
+        if req.body != b"stall":
+            req.conn.write(b"!")
+
+    async with RawServer(drip) as srv, client_for() as client:
+        resp = await post(client, srv.url(), b"go")
+        resp.set_timeouts(idle=0.3)
+        assert await resp.read() == b"x" * 12 + b"!"
+        assert resp._timer is None  # complete: no timer left behind
+
+        resp = await post(client, srv.url(), b"stall")
+        resp.set_timeouts(idle=0.3)
+        got = b""
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3):  # a guard: the client's own bound must fire well before
+                while chunk := await resp.readany():
+                    got += chunk
+        assert got == b"x" * 12 and asyncio.get_running_loop().time() - started < 2
+        resp.close()
+        assert resp._timer is None
+
+
+async def test_total_timeout_bounds_the_whole_body() -> None:
+    async def drip(req: Req) -> None:
+        req.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
+        for _ in range(40):
+            await asyncio.sleep(0.02)
+            req.conn.write(b"x")
+
+    async with RawServer(drip) as srv, client_for() as client:
+        resp = await post(client, srv.url())
+        resp.set_timeouts(total=0.2)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3):  # a guard, as above
+                await resp.read()
+        assert 0.15 < asyncio.get_running_loop().time() - started < 0.6
+        resp.close()
+        # Lifting the bounds: the next response reads to its end, however slow.
+        resp = await post(client, srv.url())
+        resp.set_timeouts()
+        assert await resp.read() == b"x" * 40
+
+
 async def test_no_body_status_and_reuse() -> None:
     async def no_content(req: Req) -> None:
         req.conn.write(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
@@ -1139,6 +1207,9 @@ _UVLOOP_SCENARIOS: list[Callable[..., Coroutine[Any, Any, None]]] = [
     test_unsolicited_bytes_on_idle_connection_drop_it,
     test_early_answer_with_unsent_body_is_not_reused,
     test_cancelled_while_waiting_for_headers_drops_the_connection,
+    test_head_timeout_raises_and_drops_the_connection,
+    test_idle_timeout_bounds_each_wait_not_the_whole_body,
+    test_total_timeout_bounds_the_whole_body,
     test_no_body_status_and_reuse,
     test_interim_responses_are_skipped,
     test_client_close_fails_in_flight_and_refuses_new_requests,

@@ -253,7 +253,11 @@ class UpstreamResponse:
         "_chunks",
         "_complete",
         "_conn",
+        "_deadline",
         "_error",
+        "_idle",
+        "_timer",
+        "_wait_started",
         "_waiter",
         "headers",
         "reused",
@@ -272,17 +276,33 @@ class UpstreamResponse:
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # Deadlines (loop time) without asyncio.timeout: that costs a Timeout object, a timer
+        # and a task lookup per await (~4 µs), once per chunk of a stream. Here one timer per
+        # response is armed lazily and moved forward only when it fires (see _on_timer).
+        self._deadline: float | None = None
+        self._idle: float | None = None
+        self._wait_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def complete(self) -> bool:
         """True once the whole body was received (it may still be buffered here)."""
         return self._complete
 
+    def set_timeouts(self, *, total: float | None = None, idle: float | None = None) -> None:
+        """Bound the waits that follow: all of them together end within ``total`` seconds from
+        now, and each single wait for data (one ``readany``) within ``idle`` seconds. A wait
+        past either raises ``TimeoutError``. ``None`` lifts that bound."""
+        self._cancel_timer()  # re-armed, at the new due time, by the next wait
+        self._deadline = None if total is None else asyncio.get_running_loop().time() + total
+        self._idle = idle
+
     async def readany(self) -> bytes:
         """The body received since the last call (at least one byte); ``b""`` at its end.
 
         Waits for data when none is buffered. Raises :class:`UpstreamDisconnected` if the
-        connection broke first, :class:`UpstreamProtocolError` if the body was malformed.
+        connection broke first, :class:`UpstreamProtocolError` if the body was malformed,
+        ``TimeoutError`` past a bound set by :meth:`set_timeouts`.
         """
         while True:
             chunks = self._chunks
@@ -326,6 +346,7 @@ class UpstreamResponse:
             conn.abort()
         if not self._complete and self._error is None:
             self._error = UpstreamDisconnected("the response was closed before it was complete")
+        self._cancel_timer()
         self._wake()
 
     def release(self) -> None:
@@ -347,10 +368,44 @@ class UpstreamResponse:
     # -- used by the connection
 
     async def _wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if self._deadline is not None or self._idle is not None:
+            self._wait_started = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._due(), self._on_timer)
         await waiter
 
+    def _due(self) -> float:
+        idle, deadline = self._idle, self._deadline
+        due = self._wait_started + idle if idle is not None else float("inf")
+        return due if deadline is None else min(due, deadline)
+
+    def _on_timer(self) -> None:
+        """The timer fired: time out the wait in progress if it is due, else move the timer to
+        when it will be (a wait that started after the timer was armed ends later)."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or (self._deadline is None and self._idle is None):
+            return  # nobody waits now; the next wait arms a timer again
+        loop = waiter.get_loop()
+        due = self._due()
+        # Timers may fire up to the clock's resolution early.
+        if loop.time() + 0.001 >= due:
+            self._waiter = None
+            waiter.set_exception(TimeoutError("the upstream sent nothing in time"))
+        else:
+            self._timer = loop.call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+
     def _wake(self) -> None:
+        if self._complete or self._error is not None:
+            self._cancel_timer()  # nothing left to wait for
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -645,16 +700,21 @@ class UpstreamClient:
         body: bytes,
         *,
         connect_timeout: float,
+        head_timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response's status and headers arrived.
 
         ``Host``, ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` in
-        ``headers`` are ignored (the client sets the first two). Bound the wait for the
-        headers with ``asyncio.timeout`` around this call; cancelling it drops the
-        connection. Raises :class:`UpstreamConnectError` when nothing was sent,
-        :class:`UpstreamProtocolError` (or :class:`UpstreamDisconnected`) after the request
-        was written, ``ValueError`` for a bad URL, method or header.
+        ``headers`` are ignored (the client sets the first two). ``head_timeout`` bounds the
+        whole call, connecting included: past it, ``TimeoutError`` (the deadline then goes on
+        bounding the body until :meth:`UpstreamResponse.set_timeouts` replaces it). Cancelling
+        the call drops the connection. Raises :class:`UpstreamConnectError` when nothing was
+        sent, :class:`UpstreamProtocolError` (or :class:`UpstreamDisconnected`) after the
+        request was written, ``ValueError`` for a bad URL, method or header.
         """
+        started = time.monotonic()
+        if head_timeout is not None:
+            connect_timeout = min(connect_timeout, head_timeout)
         if self._closed:
             raise RuntimeError("UpstreamClient is closed")
         target = self._target(url)
@@ -684,6 +744,8 @@ class UpstreamClient:
             conn = await self._connect(target, connect_timeout)
             resp = UpstreamResponse(conn, False)
             conn.send(resp, data)
+        if head_timeout is not None:
+            resp.set_timeouts(total=head_timeout - (time.monotonic() - started))
         try:
             await resp._wait_head()
         except BaseException:

@@ -560,10 +560,14 @@ class ProxyRoute:
         assert client is not None
         try:
             settler.upstream_started = time.perf_counter()
-            async with asyncio.timeout(provider.first_byte_timeout):
-                return await client.request(
-                    "POST", url, headers, body, connect_timeout=provider.connect_timeout
-                )
+            return await client.request(
+                "POST",
+                url,
+                headers,
+                body,
+                connect_timeout=provider.connect_timeout,
+                head_timeout=provider.first_byte_timeout,
+            )
         except UpstreamConnectError as exc:
             # Never reached the provider: nothing can have been billed.
             await settler.settle(
@@ -610,9 +614,9 @@ class ProxyRoute:
         self, plan: Plan, settler: Settler, resp: UpstreamResponse, base: Headers, send: Send
     ) -> None:
         """The provider refused: nothing was generated, so release in full and pass its answer on."""
+        resp.set_timeouts(total=plan.provider.idle_timeout)
         try:
-            async with asyncio.timeout(plan.provider.idle_timeout):
-                body = await resp.read(_MAX_UPSTREAM_BODY)
+            body = await resp.read(_MAX_UPSTREAM_BODY)
         except (TimeoutError, UpstreamError):
             body = b""
         finally:
@@ -648,9 +652,10 @@ class ProxyRoute:
         if resp.status >= 400:
             await self._upstream_error(plan, settler, resp, base, send)
             return
+        # The whole body within idle_timeout: a non-streaming answer is sent at once.
+        resp.set_timeouts(total=plan.provider.idle_timeout)
         try:
-            async with asyncio.timeout(plan.provider.idle_timeout):
-                body = await resp.read(_MAX_UPSTREAM_BODY)
+            body = await resp.read(_MAX_UPSTREAM_BODY)
         except (TimeoutError, UpstreamError) as exc:
             resp.release()
             # Headers arrived, so the answer was complete upstream: charge the bound.
@@ -752,12 +757,11 @@ class ProxyRoute:
 
         watcher = asyncio.create_task(watch_disconnect())
         ended = "eof"
-        idle = plan.provider.idle_timeout
+        resp.set_timeouts(idle=plan.provider.idle_timeout)
         try:
             while True:
                 try:
-                    async with asyncio.timeout(idle):
-                        chunk = await resp.readany()
+                    chunk = await resp.readany()
                 except TimeoutError:
                     ended = "idle_timeout"
                     break
