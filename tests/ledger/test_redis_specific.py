@@ -307,20 +307,22 @@ async def test_concurrent_callers_share_pipelines(
 ) -> None:
     store = await redis_stores()
     sent: list[int] = []
-    pipeline = store._client.pipeline
+    pipeline = store._pipeline
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        pipe = pipeline(*args, **kwargs)
-        original = pipe.execute
+    async def counting(commands: list[Any]) -> Any:
+        sent.append(len(commands))
+        return await pipeline(commands)
 
-        async def execute(*a: Any, **k: Any) -> Any:
-            sent.append(len(pipe.command_stack))
-            return await original(*a, **k)
+    monkeypatch.setattr(store, "_pipeline", counting)
+    lean = store._lean
+    assert lean is not None  # a plain redis:// URL: the hot commands take the lean connection
+    submit = lean.submit
 
-        pipe.execute = execute  # type: ignore[method-assign]
-        return pipe
+    def counting_lean(commands: list[Any]) -> Any:
+        sent.append(len(commands))
+        return submit(commands)
 
-    monkeypatch.setattr(store._client, "pipeline", counting)
+    monkeypatch.setattr(lean, "submit", counting_lean)
     lines = [line(limit=10**9), line(limit=10**9, agent=None)]
     outs = await asyncio.gather(*(store.reserve(request(f"r{i}", 5, lines)) for i in range(100)))
     assert all(o.ok for o in outs)

@@ -73,8 +73,8 @@ def chunks(draw: st.DrawFn) -> bytes:
         # Whitespace the fast check must see through, and a usage object it must not skip.
         text = draw(TEXT)
         usage = draw(st.sampled_from(["null", '{"prompt_tokens": 3, "completion_tokens": 4}']))
-        raw = ('{ "id" : "%s", "choices": [{"delta": {"content": %s}}], "usage" :  %s }'
-               % (chunk_id, orjson.dumps(text).decode(), usage))  # fmt: skip
+        content = orjson.dumps(text).decode()
+        raw = f'{{ "id" : "{chunk_id}", "choices": [{{"delta": {{"content": {content}}}}}], "usage" :  {usage} }}'
         return b"data: " + raw.encode() + b"\n\n"
     else:
         return draw(st.sampled_from([b"data: not json\n\n", b"data: [1,2]\n\n", b": keep-alive\n\n",

@@ -48,7 +48,9 @@ order follows each shard's clock; per-org order stays exact.
 **Round trips.** A reserve is one round trip (index SET + reserve script, pipelined), a settle is
 one (settle script + index DEL) when this process made the reservation. Concurrent callers share
 pipelines (auto-pipelining, see :meth:`RedisStore._send`), the way SQLite's writer shares a
-transaction, so a burst of N requests costs far fewer than N round trips.
+transaction, so a burst of N requests costs far fewer than N round trips. Those hot commands
+travel on a lean pipelined connection (:mod:`resgov.ledger.resp`) where the URL allows it;
+everything else on redis-py.
 
 **Durability** is Redis's: reserve returns after Redis applied the script, and survives a Redis
 restart only with AOF. :meth:`RedisStore.open` checks ``appendonly yes`` with ``appendfsync
@@ -78,6 +80,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, RedisError, Res
 from resgov.config.redis_url import InvalidRedisPrefix, split_redis_url
 from resgov.core.budget import LineState, SettleKind
 from resgov.ledger import redis_scripts
+from resgov.ledger.resp import LEAN_COMMANDS, RespPipe, lean_options
 from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
@@ -111,6 +114,9 @@ _POOL_SIZE = 64
 _FLUSHERS = 2
 _BATCH_COMMANDS = 2_000
 _FLUSH_ROUNDS = 10_000
+#: Callers' command lists queued for the lean connection before they are sent without waiting for
+#: the end of the loop iteration (overlaps Redis's work with the client's; see bench/README.md).
+_LEAN_CHUNK = 16
 _SETTLE_KINDS: frozenset[str] = frozenset(get_args(SettleKind))
 
 #: Audit fields a settlement may change; stored as hash fields over the record's creation JSON.
@@ -238,6 +244,24 @@ def _score_pairs(raw: Sequence[Any]) -> list[tuple[str, int]]:
     return [(str(raw[i]), int(float(raw[i + 1]))) for i in range(0, len(raw), 2)]
 
 
+def _hand_out(
+    batch: list[tuple[list[Command], asyncio.Future[list[Any]]]], done: asyncio.Future[list[Any]]
+) -> None:
+    """Each caller of a shared round trip gets its own replies, or the round trip's failure."""
+    error = done.exception() if not done.cancelled() else StoreError("redis: the pipeline was cancelled")
+    if error is not None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+        return
+    replies = done.result()
+    start = 0
+    for commands, future in batch:
+        if not future.done():
+            future.set_result(replies[start : start + len(commands)])
+        start += len(commands)
+
+
 def _states(keys: Sequence[str], flat: Sequence[Any]) -> dict[str, LineState]:
     return {key: LineState(int(flat[2 * i]), int(flat[2 * i + 1])) for i, key in enumerate(keys)}
 
@@ -265,11 +289,17 @@ class RedisStore:
             socket_connect_timeout=2.0, socket_timeout=10.0, retry=retry,
         )  # fmt: skip
         self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        # The hot commands (scripts, the settle index) go through a lean pipelined connection
+        # when the URL allows it (see ledger/resp.py); everything else through redis-py.
+        options = lean_options(conn_url, connect_timeout=2.0, reply_timeout=10.0)
+        self._lean = RespPipe(options) if options is not None else None
         self._routes: dict[str, tuple[str, tuple[str, ...]]] = {}
         #: Orgs this process already added to ``P:orgs`` (saves a command on every reserve).
         self._known_orgs: set[str] = set()
         self._queue: collections.deque[tuple[list[Command], asyncio.Future[list[Any]]]] = collections.deque()
         self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._lean_queue: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
+        self._lean_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         #: Why Redis's persistence settings are too weak for "no spend lost" (None when fine).
         self.persistence_warning: str | None = None
@@ -365,13 +395,28 @@ class RedisStore:
     async def _send(self, commands: list[Command]) -> list[Any]:
         """Send commands with whatever other callers queued meanwhile, in one pipeline (auto-pipelining).
 
-        Concurrent requests share round trips the way SQLite's writer shares a transaction: the
-        first caller starts a flusher task, and everything queued by the time it runs goes out in
-        one pipeline. At most ``_FLUSHERS`` pipelines are in flight, so under load batches grow
-        instead of connections. Each caller gets its own replies (errors as exception objects).
+        Concurrent requests share round trips the way SQLite's writer shares a transaction.
+        The hot commands (:data:`~resgov.ledger.resp.LEAN_COMMANDS`) go out on the lean
+        connection at the end of the loop iteration that queued them, any number of batches
+        in flight. Others go through redis-py: the first caller starts a flusher task and
+        everything queued by the time it runs goes out in one pipeline; at most ``_FLUSHERS``
+        of those are in flight, so under load batches grow instead of connections. Each caller
+        gets its own replies (errors as exception objects).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
+        if self._lean is not None and all(command[0] in LEAN_COMMANDS for command in commands):
+            # The lean connection needs no flusher task: everything queued in this loop
+            # iteration goes out in one write at its end, without waiting for earlier replies.
+            queue = self._lean_queue
+            queue.append((commands, future))
+            if len(queue) >= _LEAN_CHUNK:
+                # Redis starts on these while the rest of the burst is still being prepared.
+                self._lean_flush()
+            elif self._lean_loop is not loop:
+                self._lean_loop = loop
+                loop.call_soon(self._lean_flush)
+            return await future
         self._queue.append((commands, future))
         # Count live flushers of this loop only: a task of a loop that died never finishes.
         live = {t for t in self._flush_tasks if not t.done() and t.get_loop() is loop}
@@ -394,12 +439,8 @@ class RedisStore:
                 size += len(commands)
             if not batch:
                 return
-            pipe = self._client.pipeline(transaction=False)
-            for commands, _ in batch:
-                for command in commands:
-                    pipe.execute_command(*command)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await self._pipeline([command for commands, _ in batch for command in commands])
             except Exception as exc:  # the connection failed: every caller of the batch learns it
                 for _, future in batch:
                     if not future.done():
@@ -417,6 +458,25 @@ class RedisStore:
                 start += len(commands)
         # Rounds exhausted with work still queued: hand over to a fresh flusher.
         self._flush_tasks.add(loop.create_task(self._flush()))
+
+    def _lean_flush(self) -> None:
+        lean = self._lean
+        assert lean is not None
+        loop = asyncio.get_running_loop()
+        if self._lean_loop is loop:
+            self._lean_loop = None
+        batch = [(c, f) for c, f in self._lean_queue if not f.done() and f.get_loop() is loop]
+        self._lean_queue.clear()
+        if batch:
+            sent = lean.submit([command for commands, _ in batch for command in commands])
+            sent.add_done_callback(lambda done: _hand_out(batch, done))
+
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
+        """One round trip on redis-py's pipeline (not a transaction), errors returned in place."""
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
 
     def _remember(self, rid: str, org: str, keys: Sequence[str]) -> None:
         if len(self._routes) >= _ROUTE_CACHE_SIZE:
@@ -488,6 +548,8 @@ class RedisStore:
         self._closed = True
         if self._flush_tasks:
             await asyncio.wait(set(self._flush_tasks), timeout=10.0)
+        if self._lean is not None:
+            await self._lean.close()
         await self._client.aclose()
 
     async def ping(self) -> bool:
