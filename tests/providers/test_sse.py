@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resgov.providers.sse import event_data
+from resgov.providers.sse import SSESplitter, event_data
 
 
 def data_by_the_spec(event: bytes) -> bytes:
@@ -43,3 +43,37 @@ def test_event_data_of_the_usual_events() -> None:
     assert event_data(b"data: a\ndata: b\n\n") == b"a\nb"
     assert event_data(b"event: ping\ndata: {}\n\n") == b"{}"
     assert event_data(b": comment\n\n") == b""
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b),
+                max_size=8), st.integers(0, 8), st.data())  # fmt: skip
+def test_run_hook_takes_a_prefix_and_the_rest_goes_event_by_event(
+    payloads: list[bytes], keep: int, data: st.DataObject
+) -> None:
+    stream = b"".join(b"data: " + p + b"\n\n" for p in payloads)
+    log: list[tuple[bytes, bool]] = []  # (bytes seen by a hook, forwarded), in call order
+
+    def event_hook(event: bytes) -> bool:
+        forwarded = not event.startswith(b"data: x")  # drops some, to show the rest is filtered
+        log.append((event, forwarded))
+        return forwarded
+
+    def run_hook(run: bytes) -> int:
+        cut = 0  # the first ``keep`` events of the run, taken whole
+        for _ in range(keep):
+            nxt = run.find(b"\n\n", cut)
+            if nxt < 0:
+                break
+            cut = nxt + 2
+        if cut:
+            log.append((run[:cut], True))
+        return cut
+
+    splitter = SSESplitter(event_hook, run_hook)
+    cut = data.draw(st.integers(0, len(stream)))
+    out = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:]) + splitter.flush()
+    # Every event went through exactly one hook, in stream order; only what the event hook
+    # refused is missing from the output.
+    assert b"".join(seen for seen, _ in log) == stream
+    assert out == b"".join(seen for seen, forwarded in log if forwarded)

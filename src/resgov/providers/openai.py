@@ -13,7 +13,7 @@ from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
-from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, event_data, events
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -197,22 +197,16 @@ def response_content_bytes(body: Any) -> int:
     )
 
 
-#: At most this many content events wait to be counted (see ChatStreamScanner.content_bytes).
-_UNCOUNTED_MAX = 256
+#: Content events held uncounted beyond this many bytes are counted at once (bounds the memory).
+_UNCOUNTED_BYTES = 64 * 1024
 
 
-def _null_usage(data: bytes) -> bool:
-    """True when ``data`` (one chunk's JSON) cannot carry a usage object: no ``"usage"`` key, or
-    exactly one, set to ``null`` (what OpenAI sends on every content chunk when usage was
-    asked for). A JSON string cannot hold an unescaped quote, so text cannot fake the key.
-    Anything else returns False, and the chunk is parsed."""
-    i = data.find(b'"usage"')
-    if i < 0:
-        return True
-    if data.find(b'"usage"', i + 7) >= 0:
-        return False
-    rest = data[i + 7 : i + 32].lstrip()
-    return rest.startswith(b":") and rest[1:].lstrip().startswith(b"null")
+def _no_usage(raw: bytes) -> bool:
+    """True when no event in ``raw`` can carry a usage object: every ``"usage"`` key in it is
+    ``"usage":null`` (what OpenAI sends on each content chunk when usage was asked for). A JSON
+    string cannot hold an unescaped quote, so text cannot fake the key. Anything else (a usage
+    object, another spelling) returns False, and its events are parsed."""
+    return raw.count(b'"usage"') == raw.count(b'"usage":null')
 
 
 @dataclass(slots=True)
@@ -223,30 +217,56 @@ class ChatStreamScanner(ForwardedStream):
     dropped, so the client sees the stream it asked for. ``[DONE]`` is held back
     (``hold_done``) so the call can be settled before the last byte leaves.
 
-    Content chunks are not parsed as they pass: their sizes only matter when the stream
-    ends without usage (the estimate), so they are kept and counted on demand by
-    :attr:`content_bytes` (parsing each one cost a quarter of a stream's CPU; see bench/).
+    Content events are not parsed as they pass: their sizes only matter when the stream ends
+    without usage (the estimate), so they are kept and counted on demand by
+    :attr:`content_bytes` (and searched for the id by :attr:`upstream_id`). A run of events
+    with no usage and no ``[DONE]`` is forwarded whole, without splitting it into events
+    (see bench/README.md).
     """
 
     strip_usage: bool
     usage_raw: dict[str, Any] | None = None
-    upstream_id: str | None = None
     done: bool = False
     held: bytes = b""
     splitter: SSESplitter = field(init=False)
+    _id: str | None = None
     _counted: int = 0
+    #: Runs of complete content events, not yet counted, and their size.
     _uncounted: list[bytes] = field(default_factory=list)
+    _uncounted_size: int = 0
+    #: Runs forwarded unparsed while no id was known, searched for it on demand.
+    _id_search: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.splitter = SSESplitter(self._event)
+        self.splitter = SSESplitter(self._event, self._run)
+
+    @property
+    def upstream_id(self) -> str | None:
+        """The id of the first chunk that has one."""
+        if self._id is None and self._id_search:
+            runs, self._id_search = self._id_search, []
+            for run in runs:
+                for event in events(run):
+                    try:
+                        chunk = orjson.loads(event_data(event) or b"null")
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(chunk, dict) and isinstance(chunk.get("id"), str):
+                        self._id = chunk["id"]
+                        return self._id
+        return self._id
 
     @property
     def content_bytes(self) -> int:
         """UTF-8 bytes of every string in the choices' deltas so far (text, tool arguments…)."""
         if self._uncounted:
-            for data in self._uncounted:
-                self._count(data)
+            for run in self._uncounted:
+                for event in events(run):
+                    data = event_data(event)
+                    if data:
+                        self._count(data)
             self._uncounted.clear()
+            self._uncounted_size = 0
         return self._counted
 
     def _count(self, data: bytes) -> dict[str, Any] | None:
@@ -263,6 +283,35 @@ class ChatStreamScanner(ForwardedStream):
                     self._counted += string_bytes(choice.get("delta"))
         return chunk
 
+    def _hold(self, raw: bytes) -> None:
+        """Forwarded unparsed: counted (and searched for the id) only when asked."""
+        self._uncounted.append(raw)
+        self._uncounted_size += len(raw)
+        if self._id is None:
+            self._id_search.append(raw)
+        if self._uncounted_size > _UNCOUNTED_BYTES:
+            _ = self.content_bytes  # count them now
+
+    def _run(self, run: bytes) -> int:
+        """The leading events of ``run`` up to the first that may end the stream or carry usage."""
+        if self.done or b"\r" in run:
+            return 0  # event by event (CR line endings: boundaries are not just blank lines)
+        cut = run.find(b"[DONE]")
+        if cut < 0:
+            cut = len(run)
+        i = run.find(b'"usage"', 0, cut)
+        while i >= 0:
+            if not run.startswith(b'"usage":null', i):
+                cut = i
+                break
+            i = run.find(b'"usage"', i + 7, cut)
+        if cut < len(run):
+            start = run.rfind(b"\n\n", 0, cut)  # the start of the event holding it
+            cut = start + 2 if start >= 0 else 0
+        if cut:
+            self._hold(run[:cut] if cut < len(run) else run)
+        return cut
+
     def _event(self, event: bytes) -> bool:
         data = event_data(event)
         if not data:
@@ -274,16 +323,15 @@ class ChatStreamScanner(ForwardedStream):
         if self.done:
             self.held += event
             return False
-        if self.upstream_id is not None and _null_usage(data):
-            self._uncounted.append(data)
-            if len(self._uncounted) >= _UNCOUNTED_MAX:
-                _ = self.content_bytes  # bound what is held: count them now
+        if _no_usage(data):
+            self._hold(event)
             return True
         chunk = self._count(data)
         if chunk is None:
             return True
+        # The property first searches what came before, unparsed.
         if self.upstream_id is None and isinstance(chunk.get("id"), str):
-            self.upstream_id = chunk["id"]
+            self._id = chunk["id"]
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage_raw = usage

@@ -13,6 +13,10 @@ from collections.abc import Callable
 #: Inspect one complete event (raw bytes including its terminating blank line);
 #: return False to drop it from the forwarded stream.
 EventHook = Callable[[bytes], bool]
+#: Look at a whole run of complete events at once and return how many of its leading bytes
+#: (whole events) to forward unchanged without calling the event hook on each (the owner has
+#: seen all it needs of them); the rest is split into events as usual.
+RunHook = Callable[[bytes], int]
 
 
 def event_data(event: bytes) -> bytes:
@@ -41,11 +45,12 @@ def event_name(event: bytes) -> bytes | None:
 class SSESplitter:
     """Feed upstream bytes, get back whole events to forward."""
 
-    __slots__ = ("_buffer", "_hook", "held_bytes")
+    __slots__ = ("_buffer", "_hook", "_run_hook", "held_bytes")
 
-    def __init__(self, hook: EventHook) -> None:
+    def __init__(self, hook: EventHook, run_hook: RunHook | None = None) -> None:
         self._buffer = b""
         self._hook = hook
+        self._run_hook = run_hook
         self.held_bytes = 0
 
     def feed(self, data: bytes) -> bytes:
@@ -56,8 +61,11 @@ class SSESplitter:
             self._buffer = buffer
             return b""
         complete, self._buffer = buffer[:end], buffer[end:]
-        out = bytearray()
-        for event in _events(complete):
+        taken = self._run_hook(complete) if self._run_hook is not None else 0
+        if taken == len(complete):
+            return complete
+        out = bytearray(complete[:taken])
+        for event in events(complete[taken:] if taken else complete):
             if self._hook(event):
                 out += event
         return bytes(out)
@@ -80,7 +88,7 @@ def _last_boundary(buffer: bytes) -> int:
     return best
 
 
-def _events(chunk: bytes) -> list[bytes]:
+def events(chunk: bytes) -> list[bytes]:
     """Split a run of complete events, keeping each one's terminator attached."""
     if b"\r" in chunk:
         out: list[bytes] = []
