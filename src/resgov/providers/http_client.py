@@ -24,6 +24,9 @@ What it does, and no more:
   consumed, so a slow client cannot make ResGov buffer a whole stream.
 * Bodies are passed through as received; ``Content-Encoding`` is not undone (ResGov asks
   upstreams for ``identity``).
+* Deadlines: ``request(head_timeout=…)`` bounds the wait for the headers, connecting included,
+  and :meth:`UpstreamResponse.set_timeouts` the body (in all, or per wait for data); past one,
+  ``TimeoutError``. One timer per response rather than an ``asyncio.timeout`` per await.
 
 Errors: :class:`UpstreamConnectError` (nothing was sent: refused, timed out, DNS, TLS
 handshake) and :class:`UpstreamProtocolError` / its subclass :class:`UpstreamDisconnected`
