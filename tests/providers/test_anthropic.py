@@ -18,7 +18,9 @@ from resgov.providers.anthropic import (
     MAX_OUTPUT_CAP,
     WEB_SEARCH_RESULT_TOKENS,
     Messages,
+    MessagesEvents,
     MessagesStreamScanner,
+    decode_event,
     messages_path,
     parse_messages,
     usage_from_anthropic,
@@ -551,3 +553,78 @@ def test_error_event_shape() -> None:
         "type": "error",
         "error": {"type": "upstream_cut", "message": "Upstream stream was cut"},
     }
+
+
+# -- the forwarding scanner against an eager decode of every event ----------------------------------
+
+_TEXT = st.lists(st.sampled_from(["a", "é", '"', "\\", "\n", "€", "content_block_delta"]), max_size=5).map(
+    "".join
+)
+
+
+def _sse(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+@st.composite
+def _anthropic_event(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["start", "block", "delta", "delta", "delta", "ping", "stop_block",
+                                 "message_delta", "odd"]))  # fmt: skip
+    if kind == "start":
+        usage = {"input_tokens": draw(st.integers(0, 50)), "output_tokens": 1}
+        return _sse("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "m",
+                                                                          "usage": usage}})  # fmt: skip
+    if kind == "block":
+        block = draw(st.sampled_from([{"type": "text", "text": draw(_TEXT)},
+                                      {"type": "tool_use", "id": "t", "name": "f", "input": {}}]))  # fmt: skip
+        return _sse(
+            "content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}
+        )
+    if kind == "delta":
+        delta = draw(st.sampled_from([{"type": "text_delta", "text": draw(_TEXT)},
+                                      {"type": "input_json_delta", "partial_json": draw(_TEXT)},
+                                      {"type": "thinking_delta", "thinking": draw(_TEXT)}]))  # fmt: skip
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    if kind == "ping":
+        return _sse("ping", {"type": "ping"})
+    if kind == "stop_block":
+        return _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    if kind == "message_delta":
+        return _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                      "usage": {"output_tokens": draw(st.integers(0, 50))}})  # fmt: skip
+    # A name that does not match its data, and junk: decoded as they come, like everything else.
+    return draw(st.sampled_from([
+        b'event: content_block_delta\ndata: {"type":"message_delta","usage":{"output_tokens":7}}\n\n',
+        b"event: content_block_delta\ndata: not json\n\n",
+        b": keep-alive\n\n",
+    ]))  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.lists(_anthropic_event(), max_size=25), st.booleans(), st.data())
+def test_forwarding_scanner_matches_an_eager_decode(
+    body: list[bytes], stop: bool, data: st.DataObject
+) -> None:
+    stream = b"".join(body) + (_sse("message_stop", {"type": "message_stop"}) if stop else b"")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    scanner = MessagesStreamScanner()
+    out = b""
+    last = 0
+    for cut in [*cuts, len(stream)]:
+        out += scanner.feed(stream[last:cut])
+        last = cut
+    want = MessagesEvents()
+    forwarded = b""
+    for piece in stream.split(b"\n\n")[:-1]:
+        event = piece + b"\n\n"
+        if not want.done:
+            decoded = decode_event(event)
+            if decoded is not None:
+                want.absorb(decoded)
+            if not want.done:
+                forwarded += event
+    assert out == forwarded
+    assert scanner.upstream_id == want.upstream_id and scanner.done == want.done
+    assert scanner.usage == want.merger.usage
+    assert scanner.content_bytes == want.content_bytes
+    assert out + scanner.finish() == stream

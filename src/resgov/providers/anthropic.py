@@ -447,21 +447,50 @@ class MessagesEventsView:
         return self.events.done
 
 
+#: Content deltas held undecoded beyond this many bytes are decoded at once (bounds the memory).
+_DEFERRED_BYTES = 64 * 1024
+#: A delta as Anthropic writes it: the event's name, then its data with that type first.
+_DELTA_EVENT = b'event: content_block_delta\ndata: {"type":"content_block_delta"'
+
+
 class MessagesStreamScanner(MessagesEventsView, ForwardedStream):
     """Forwards an Anthropic stream byte for byte while reading its usage.
 
     ``message_stop`` (and anything after it) is held back until :meth:`finish`, so the
-    proxy settles the call before the client sees the stream end.
+    proxy settles the call before the client sees the stream end. Text deltas are not decoded
+    as they pass: they only count towards :attr:`content_bytes`, which is only read when a
+    stream ends without usage, so they are decoded then (see bench/README.md).
     """
 
-    __slots__ = ("events", "held", "splitter")
+    __slots__ = ("_deferred", "_deferred_size", "events", "held", "splitter")
 
     def __init__(self) -> None:
         self.events = MessagesEvents()
         self.held = b""
         self.splitter = SSESplitter(self._event)
+        self._deferred: list[bytes] = []
+        self._deferred_size = 0
+
+    @property
+    def content_bytes(self) -> int:
+        """Bytes of text, tool input and thinking streamed so far."""
+        if self._deferred:
+            for event in self._deferred:
+                decoded = decode_event(event)
+                if decoded is not None:
+                    self.events.absorb(decoded)
+            self._deferred.clear()
+            self._deferred_size = 0
+        return self.events.content_bytes
 
     def _event(self, event: bytes) -> bool:
+        if not self.events.done and event.startswith(_DELTA_EVENT):
+            # A delta moves nothing but content_bytes: decoded when that is read.
+            self._deferred.append(event)
+            self._deferred_size += len(event)
+            if self._deferred_size > _DEFERRED_BYTES:
+                _ = self.content_bytes
+            return True
         if not self.events.done:
             decoded = decode_event(event)
             if decoded is not None:
