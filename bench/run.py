@@ -390,6 +390,8 @@ class Context:
     retries: int = 0
     noisy_waits: int = 0
     procs: list[Proc] = field(default_factory=list)
+    #: Other things to stop at the end (a redis-server for ``--store redis``).
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def start(
         self, name: str, cmd: Sequence[str], cpu: int | None, env: dict[str, str] | None = None
@@ -412,7 +414,7 @@ def start_simulator(ctx: Context, port: int, chunks: int) -> Proc:
     return proc
 
 
-def start_resgov(ctx: Context, sim_port: int) -> Gateway:
+def start_resgov(ctx: Context, sim_port: int, store_url: str | None = None) -> Gateway:
     policy = ctx.tmp / "bench.rgf"
     policy.write_text(
         POLICY.read_text().replace("http://127.0.0.1:9000/v1", f"http://127.0.0.1:{sim_port}/v1")
@@ -420,7 +422,7 @@ def start_resgov(ctx: Context, sim_port: int) -> Gateway:
     port = free_port()
     admin = "bench-" + secrets.token_hex(24)
     db = ctx.tmp / "resgov-bench.db"
-    env = {**os.environ, "RESGOV_STORE": f"sqlite:///{db}", "RESGOV_ADMIN_TOKEN": admin}
+    env = {**os.environ, "RESGOV_STORE": store_url or f"sqlite:///{db}", "RESGOV_ADMIN_TOKEN": admin}
     cmd = [sys.executable, "-m", "resgov.cli", "serve", "--config", str(policy), "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = ctx.start("resgov", cmd, ctx.pin.proxy_cpu, env)
@@ -634,6 +636,24 @@ def ledger_check(db: Path) -> dict[str, int]:
     }
 
 
+def ledger_check_redis(url: str) -> dict[str, int]:
+    """The same check on a Redis ledger, through the store's own totals."""
+    import asyncio
+
+    from resgov.ledger import store_from_url
+
+    async def totals() -> dict[str, int]:
+        store = store_from_url(url)
+        await store.open()
+        try:
+            t = await store.totals()
+        finally:
+            await store.close()
+        return {"audit_rows": t.audit_count, "open_reservations": t.open_reservations}
+
+    return asyncio.run(totals())
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -714,6 +734,7 @@ def bench_context(args: argparse.Namespace) -> Iterator[Context]:
         yield ctx
     finally:
         ctx.stop_all()
+        ctx.stack.close()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -758,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", action="store_true", help="also py-spy ResGov under c=32 non-stream load"
     )
     parser.add_argument("--with-litellm", action="store_true", help="also LiteLLM's proxy (own venv)")
+    parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
+                        help="ResGov's ledger: the SQLite default, or a redis-server the benchmark starts "
+                             "(appendfsync everysec) on the load core")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, ledger)")
     parser.add_argument(
         "--retries",
@@ -792,7 +816,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         direct_cache: dict[tuple[str, int], Measure] = {}
         for mode in modes:  # the harness ceiling first, warmed up
             run_wrk(ctx.sim_url, mode, 32, ctx.warmup, "none", ctx.pin, "direct")
-        resgov = start_resgov(ctx, sim_port)
+        store_url = None
+        if args.store == "redis":
+            from store_bench import redis_server
+
+            store_url = ctx.stack.enter_context(redis_server("everysec", ctx.pin.load_cpu))
+            log(f"ResGov's ledger: {store_url} (appendonly yes, appendfsync everysec, on the load core)")
+        resgov = start_resgov(ctx, sim_port, store_url)
         rows += matrix(ctx, resgov, resgov.key, modes, concs, direct_cache)
         extra["resgov_vmhwm_mb"] = (RssMonitor(resgov.proc.pid).read("VmHWM") / 1024) if resgov.proc else None
         if args.profile:
@@ -800,7 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["profile"] = profile_resgov(ctx, resgov, 32, max(args.duration, 5.0))
         assert resgov.proc is not None
         resgov.proc.stop()
-        extra["ledger"] = ledger_check(ctx.tmp / "resgov-bench.db")
+        extra["ledger"] = (
+            ledger_check_redis(store_url) if store_url else ledger_check(ctx.tmp / "resgov-bench.db")
+        )
+        extra["store"] = args.store
         if args.ladder:
             ladder_concs = [c for c in concs if c in (1, 32)] or concs[:1]
             from ladder_app import VARIANTS
@@ -839,7 +872,12 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         f"Pinning: {pin.describe()}.",
         "Upstream: resgov.simulator.upstream, 0 ms latency, 16 content chunks (+ usage chunk when streaming). "
         "Policy: bench/bench.rgf (budgets enforced on every call: agent and org daily lines, priced, reserved "
-        "durably in SQLite (WAL fsync'd per group commit) before the upstream call, settled after).",
+        + (
+            "in Redis (its own redis-server on the load core, appendonly yes, appendfsync everysec)"
+            if extra.get("store") == "redis"
+            else "durably in SQLite (WAL fsync'd per group commit)"
+        )
+        + " before the upstream call, settled after).",
         "",
         "'added' = gateway latency minus direct latency at the same percentile; 'ratio' = gateway req/s / direct "
         "req/s; 'gateway CPU' = CPU seconds per second used by the gateway process (100 % = its whole core); "
@@ -855,13 +893,13 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         md += ["## Targets (issue 6)", "", *checks, ""]
     ledger = extra.get("ledger")
     if ledger:
+        statuses = ", ".join(
+            f"{k.removeprefix('status_')} {v:,}" for k, v in ledger.items() if k.startswith("status_")
+        )
         md += [
             f"Ledger after the run: {ledger.get('audit_rows', 0):,} audit rows, "
-            f"{ledger.get('open_reservations', 0)} open reservations; "
-            + ", ".join(
-                f"{k.removeprefix('status_')} {v:,}" for k, v in ledger.items() if k.startswith("status_")
-            )
-            + ".",
+            f"{ledger.get('open_reservations', 0)} open reservations"
+            + (f"; {statuses}." if statuses else "."),
             "",
         ]
     if extra.get("resgov_vmhwm_mb") is not None:
