@@ -328,3 +328,14 @@ async def test_concurrent_callers_share_pipelines(
     assert all(o.ok for o in outs)
     assert sum(sent) >= 200 and len(sent) < 50, sent  # 100 reserves, far fewer round trips
     assert await store.line_states(ORG, [lines[0].key]) == {lines[0].key: LineState(0, 500)}
+
+
+async def test_close_sends_and_answers_what_is_queued(redis_stores: Factory) -> None:
+    store = await redis_stores()
+    lines = [line(limit=10**9)]
+    # close() runs while the reserves are queued or in flight: it lets them finish first.
+    *outcomes, _ = await asyncio.gather(*(store.reserve(request(f"q{i}", 5, lines)) for i in range(5)),
+                                        store.close())  # fmt: skip
+    assert all(outcome.ok for outcome in outcomes)
+    reopened = await redis_stores()
+    assert await reopened.line_states(ORG, [lines[0].key]) == {lines[0].key: LineState(0, 25)}

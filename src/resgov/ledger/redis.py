@@ -549,6 +549,8 @@ class RedisStore:
         if self._flush_tasks:
             await asyncio.wait(set(self._flush_tasks), timeout=10.0)
         if self._lean is not None:
+            if self._lean_queue:
+                self._lean_flush()  # sent now, answered before the connection closes
             await self._lean.close()
         await self._client.aclose()
 

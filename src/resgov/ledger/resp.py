@@ -218,6 +218,8 @@ class RespPipe:
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
+        #: Batches submitted and not answered yet (close() lets them finish).
+        self._outstanding: set[asyncio.Future[list[Any]]] = set()
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` in one write; their replies (errors as exception objects), in order."""
@@ -231,6 +233,8 @@ class RespPipe:
         if not commands:
             result.set_result([])
         else:
+            self._outstanding.add(result)
+            result.add_done_callback(self._outstanding.discard)
             self._attempt(pack(commands), len(commands), result, 0)
         return result
 
@@ -287,6 +291,10 @@ class RespPipe:
             await self._connection()
         except Exception as exc:
             self._retry_or_fail(exc, payload, count, result, attempt)
+        except BaseException:
+            if not result.done():  # never leave a caller waiting
+                result.set_exception(RedisConnectionError("redis: connecting was cancelled"))
+            raise
         else:
             conn = self._live()
             if conn is None:  # broken again at once: counts as a failed attempt
@@ -362,11 +370,13 @@ class RespPipe:
         return conn
 
     async def close(self, drain_timeout: float = 10.0) -> None:
-        """Wait (bounded) for the batches in flight, then drop the connection."""
-        conn = self._live()
-        if conn is not None and conn.batches:
-            await asyncio.wait([conn.batches[-1].future], timeout=drain_timeout)
+        """Wait (bounded) for the batches submitted so far, then drop the connection."""
+        if self._outstanding:
+            await asyncio.wait(set(self._outstanding), timeout=drain_timeout)
         self._closed = True
+        for result in list(self._outstanding):
+            if not result.done():
+                result.set_exception(RedisConnectionError("redis: the connection was closed"))
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.fail(RedisConnectionError("redis: the connection was closed"), close=False)
