@@ -20,12 +20,11 @@ from resgov.providers.anthropic import (
     Messages,
     MessagesEvents,
     MessagesStreamScanner,
-    decode_event,
     messages_path,
     parse_messages,
     usage_from_anthropic,
 )
-from resgov.providers.sse import event_data
+from resgov.providers.sse import decode_event, event_data
 
 
 def raw(**fields: Any) -> bytes:

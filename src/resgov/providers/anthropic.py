@@ -20,7 +20,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import json_request
-from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, decode_event
 
 #: Largest ``max_tokens`` ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -401,18 +401,6 @@ class MessagesEvents:
             self.merger.absorb(event.get("usage"), final=True)
         elif kind == "message_stop":
             self.done = True
-
-
-def decode_event(event: bytes) -> dict[str, Any] | None:
-    """The JSON object of one SSE event, or None (comments, pings without data, junk)."""
-    data = event_data(event)
-    if not data:
-        return None
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def anthropic_error_event(kind: str, message: str) -> bytes:

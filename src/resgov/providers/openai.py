@@ -13,7 +13,7 @@ from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
-from resgov.providers.sse import ForwardedStream, SSESplitter, event_data, events
+from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, decode_event, event_data, events
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -247,11 +247,8 @@ class ChatStreamScanner(ForwardedStream):
             runs, self._id_search = self._id_search, []
             for run in runs:
                 for event in events(run):
-                    try:
-                        chunk = orjson.loads(event_data(event) or b"null")
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(chunk, dict) and isinstance(chunk.get("id"), str):
+                    chunk = decode_event(event)
+                    if chunk is not None and isinstance(chunk.get("id"), str):
                         self._id = chunk["id"]
                         return self._id
         return self._id
@@ -270,11 +267,8 @@ class ChatStreamScanner(ForwardedStream):
         return self._counted
 
     def _count(self, data: bytes) -> dict[str, Any] | None:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(chunk, dict):
+        chunk = data_object(data)
+        if chunk is None:
             return None
         choices = chunk.get("choices")
         if isinstance(choices, list):

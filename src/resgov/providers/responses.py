@@ -13,7 +13,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, json_request, tool_names, usage_from_openai
-from resgov.providers.sse import ForwardedStream, SSESplitter, event_data
+from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, event_data
 
 #: Events that end a response; they carry its usage and are held back until settlement.
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
@@ -84,11 +84,8 @@ class ResponsesStreamScanner(ForwardedStream):
         data = event_data(event)
         if not data:
             return True
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(payload, dict):
+        payload = data_object(data)
+        if payload is None:
             return True
         kind = payload.get("type")
         delta = payload.get("delta")

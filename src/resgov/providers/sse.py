@@ -9,6 +9,9 @@ drop) each event. Events are forwarded byte for byte as the upstream wrote them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+import orjson
 
 #: Inspect one complete event (raw bytes including its terminating blank line);
 #: return False to drop it from the forwarded stream.
@@ -32,6 +35,22 @@ def event_data(event: bytes) -> bytes:
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(parts)
+
+
+def data_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object an event's data holds, or None (empty, not JSON, not an object)."""
+    if not data:
+        return None
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def decode_event(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one SSE event, or None (comments, pings without data, junk)."""
+    return data_object(event_data(event))
 
 
 def event_name(event: bytes) -> bytes | None:

@@ -51,7 +51,6 @@ from resgov.providers.anthropic import (
     MessagesEvents,
     MessagesEventsView,
     anthropic_error_event,
-    decode_event,
     messages_path,
     parse_messages,
     upstream_messages_body,
@@ -68,7 +67,7 @@ from resgov.providers.openai import (
     upstream_body,
     usage_from_openai,
 )
-from resgov.providers.sse import SSESplitter, TranslatedStream, event_data
+from resgov.providers.sse import SSESplitter, TranslatedStream, data_object, decode_event, event_data
 
 Json = dict[str, Any]
 
@@ -1017,11 +1016,8 @@ class ChatToAnthropicStream(TranslatedStream):
         if data == b"[DONE]":
             self._end()
             return False
-        try:
-            chunk = orjson.loads(data) if data else None
-        except orjson.JSONDecodeError:
-            chunk = None
-        if not isinstance(chunk, dict):
+        chunk = data_object(data)
+        if chunk is None:
             return False
         error = chunk.get("error")
         if error is not None:
