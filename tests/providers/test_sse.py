@@ -70,10 +70,46 @@ def test_run_hook_takes_a_prefix_and_the_rest_goes_event_by_event(
             log.append((run[:cut], True))
         return cut
 
-    splitter = SSESplitter(event_hook, run_hook)
+    splitter = SSESplitter()
     cut = data.draw(st.integers(0, len(stream)))
-    out = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:]) + splitter.flush()
+    out = (splitter.feed(stream[:cut], event_hook, run_hook) + splitter.feed(stream[cut:], event_hook, run_hook)
+           + splitter.flush(event_hook))  # fmt: skip
     # Every event went through exactly one hook, in stream order; only what the event hook
     # refused is missing from the output.
     assert b"".join(seen for seen, _ in log) == stream
     assert out == b"".join(seen for seen, forwarded in log if forwarded)
+
+
+def test_scanners_are_freed_by_reference_counting() -> None:
+    """No scanner is part of a reference cycle: what a stream holds goes when its call ends,
+    not when the cyclic collector next runs (which kept megabytes alive under load)."""
+    import gc
+
+    from resgov.providers.anthropic import MessagesStreamScanner
+    from resgov.providers.openai import ChatStreamScanner
+    from resgov.providers.responses import ResponsesStreamScanner
+    from resgov.providers.translate import AnthropicToChatStream, ChatToAnthropicStream
+
+    chat = b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\ndata: [DONE]\n\n'
+    messages = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{}}}\n\n'
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"hi"}}\n\n'
+                b'event: message_stop\ndata: {"type":"message_stop"}\n\n')  # fmt: skip
+    makers = [
+        (lambda: ChatStreamScanner(strip_usage=False), chat),
+        (MessagesStreamScanner, messages),
+        (ResponsesStreamScanner, b'event: response.output_text.delta\ndata: {"delta":"hi"}\n\n'),
+        (lambda: AnthropicToChatStream(wants_usage=True, model="m"), messages),
+        (lambda: ChatToAnthropicStream(model="m"), chat),
+    ]
+    gc.collect()
+    gc.disable()
+    try:
+        for make, stream in makers:
+            scanner = make()
+            scanner.feed(stream)
+            _ = scanner.content_bytes
+            scanner.finish()
+            del scanner
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -455,7 +455,7 @@ class MessagesStreamScanner(MessagesEventsView, ForwardedStream):
     def __init__(self) -> None:
         self.events = MessagesEvents()
         self.held = b""
-        self.splitter = SSESplitter(self._event)
+        self.splitter = SSESplitter()
         self._deferred: list[bytes] = []
         self._deferred_size = 0
 

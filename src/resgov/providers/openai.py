@@ -238,7 +238,7 @@ class ChatStreamScanner(ForwardedStream):
     _id_search: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.splitter = SSESplitter(self._event, self._run)
+        self.splitter = SSESplitter()
 
     @property
     def upstream_id(self) -> str | None:

@@ -70,7 +70,7 @@ class ResponsesStreamScanner(ForwardedStream):
     splitter: SSESplitter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.splitter = SSESplitter(self._event)
+        self.splitter = SSESplitter()
 
     @property
     def usage(self) -> Usage | None:

@@ -817,7 +817,7 @@ class AnthropicToChatStream(MessagesEventsView, TranslatedStream):
         self.finished = False
         self.out = bytearray()
         self.held = b""
-        self.splitter = SSESplitter(self._event)
+        self.splitter = SSESplitter()
 
     def _chunk(self, delta: Json | None, finish: str | None = None, usage: Json | None = None) -> None:
         chunk: Json = {
@@ -938,7 +938,7 @@ class ChatToAnthropicStream(TranslatedStream):
     splitter: SSESplitter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.splitter = SSESplitter(self._event)
+        self.splitter = SSESplitter()
 
     def _start(self, chunk: Json) -> None:
         if self.started:
