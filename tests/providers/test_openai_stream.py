@@ -119,7 +119,7 @@ def test_content_is_counted_when_asked_and_memory_stays_bounded() -> None:
     event = b'data: {"id":"c","choices":[{"delta":{"content":"ab"}}],"usage":null}\n\n'
     for _ in range(1000):
         scanner.feed(event)
-    assert scanner._uncounted_size <= 64 * 1024
+    assert scanner._uncounted._size <= 64 * 1024
     assert scanner.content_bytes == 2000
     scanner.feed(event * 1000)  # one run, forwarded whole
     assert scanner.content_bytes == 4000

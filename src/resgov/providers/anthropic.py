@@ -20,7 +20,7 @@ from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
 from resgov.providers.openai import json_request
-from resgov.providers.sse import ForwardedStream, SSESplitter, decode_event
+from resgov.providers.sse import ForwardedStream, HeldEvents, SSESplitter, decode_event
 
 #: Largest ``max_tokens`` ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -435,8 +435,6 @@ class MessagesEventsView:
         return self.events.done
 
 
-#: Content deltas held undecoded beyond this many bytes are decoded at once (bounds the memory).
-_DEFERRED_BYTES = 64 * 1024
 #: A delta as Anthropic writes it: the event's name, then its data with that type first.
 _DELTA_EVENT = b'event: content_block_delta\ndata: {"type":"content_block_delta"'
 
@@ -450,33 +448,28 @@ class MessagesStreamScanner(MessagesEventsView, ForwardedStream):
     stream ends without usage, so they are decoded then (see bench/README.md).
     """
 
-    __slots__ = ("_deferred", "_deferred_size", "events", "held", "splitter")
+    __slots__ = ("_deferred", "events", "held", "splitter")
 
     def __init__(self) -> None:
         self.events = MessagesEvents()
         self.held = b""
         self.splitter = SSESplitter()
-        self._deferred: list[bytes] = []
-        self._deferred_size = 0
+        self._deferred = HeldEvents()
 
     @property
     def content_bytes(self) -> int:
         """Bytes of text, tool input and thinking streamed so far."""
         if self._deferred:
-            for event in self._deferred:
+            for event in self._deferred.take():
                 decoded = decode_event(event)
                 if decoded is not None:
                     self.events.absorb(decoded)
-            self._deferred.clear()
-            self._deferred_size = 0
         return self.events.content_bytes
 
     def _event(self, event: bytes) -> bool:
         if not self.events.done and event.startswith(_DELTA_EVENT):
             # A delta moves nothing but content_bytes: decoded when that is read.
-            self._deferred.append(event)
-            self._deferred_size += len(event)
-            if self._deferred_size > _DEFERRED_BYTES:
+            if self._deferred.add(event):
                 _ = self.content_bytes
             return True
         if not self.events.done:

@@ -13,7 +13,15 @@ from resgov.core.errors import BadRequest, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
-from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, decode_event, event_data, events
+from resgov.providers.sse import (
+    ForwardedStream,
+    HeldEvents,
+    SSESplitter,
+    data_object,
+    decode_event,
+    event_data,
+    events,
+)
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
@@ -197,10 +205,6 @@ def response_content_bytes(body: Any) -> int:
     )
 
 
-#: Content events held uncounted beyond this many bytes are counted at once (bounds the memory).
-_UNCOUNTED_BYTES = 64 * 1024
-
-
 def _no_usage(raw: bytes) -> bool:
     """True when no event in ``raw`` can carry a usage object: every ``"usage"`` key in it is
     ``"usage":null`` (what OpenAI sends on each content chunk when usage was asked for). A JSON
@@ -231,9 +235,8 @@ class ChatStreamScanner(ForwardedStream):
     splitter: SSESplitter = field(init=False)
     _id: str | None = None
     _counted: int = 0
-    #: Runs of complete content events, not yet counted, and their size.
-    _uncounted: list[bytes] = field(default_factory=list)
-    _uncounted_size: int = 0
+    #: Content events not yet counted.
+    _uncounted: HeldEvents = field(default_factory=HeldEvents)
     #: Runs forwarded unparsed while no id was known, searched for it on demand.
     _id_search: list[bytes] = field(default_factory=list)
 
@@ -257,13 +260,10 @@ class ChatStreamScanner(ForwardedStream):
     def content_bytes(self) -> int:
         """UTF-8 bytes of every string in the choices' deltas so far (text, tool arguments…)."""
         if self._uncounted:
-            for run in self._uncounted:
-                for event in events(run):
-                    data = event_data(event)
-                    if data:
-                        self._count(data)
-            self._uncounted.clear()
-            self._uncounted_size = 0
+            for event in self._uncounted.take():
+                data = event_data(event)
+                if data:
+                    self._count(data)
         return self._counted
 
     def _count(self, data: bytes) -> dict[str, Any] | None:
@@ -279,11 +279,9 @@ class ChatStreamScanner(ForwardedStream):
 
     def _hold(self, raw: bytes) -> None:
         """Forwarded unparsed: counted (and searched for the id) only when asked."""
-        self._uncounted.append(raw)
-        self._uncounted_size += len(raw)
         if self._id is None:
             self._id_search.append(raw)
-        if self._uncounted_size > _UNCOUNTED_BYTES:
+        if self._uncounted.add(raw):
             _ = self.content_bytes  # count them now
 
     def _run(self, run: bytes) -> int:

@@ -133,6 +133,35 @@ def events(chunk: bytes) -> list[bytes]:
     return [p + b"\n\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
+class HeldEvents:
+    """Events a scanner forwarded without decoding, kept until it needs what they say.
+
+    Bounded: once more than :attr:`LIMIT` bytes are held, :meth:`add` says so and the owner
+    reads them at once, so a long stream never piles up its whole body here.
+    """
+
+    __slots__ = ("_runs", "_size")
+    LIMIT = 64 * 1024
+
+    def __init__(self) -> None:
+        self._runs: list[bytes] = []
+        self._size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def add(self, raw: bytes) -> bool:
+        """Hold ``raw`` (whole events); True when the owner should now :meth:`take` them."""
+        self._runs.append(raw)
+        self._size += len(raw)
+        return self._size > self.LIMIT
+
+    def take(self) -> list[bytes]:
+        """Every held event, in stream order; nothing is held afterwards."""
+        runs, self._runs, self._size = self._runs, [], 0
+        return [event for run in runs for event in events(run)]
+
+
 class ForwardedStream:
     """Base of the scanners that forward upstream events unchanged.
 
