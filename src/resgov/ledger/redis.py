@@ -117,6 +117,14 @@ _FLUSH_ROUNDS = 10_000
 #: Callers' command lists queued for the lean connection before they are sent without waiting for
 #: the end of the loop iteration (overlaps Redis's work with the client's; see bench/README.md).
 _LEAN_CHUNK = 16
+#: Fail fast when Redis is down (fail_safe_action answers at once), but ride out a dropped
+#: connection: a few quick retries, on redis-py's pool and on the lean connection alike.
+#: Retrying a script is safe: reserve, settle and renew are idempotent by reservation id,
+#: record by request id.
+_RETRIES = 3
+_BACKOFF = ExponentialWithJitterBackoff(base=0.01, cap=0.25)
+_CONNECT_TIMEOUT = 2.0
+_REPLY_TIMEOUT = 10.0
 _SETTLE_KINDS: frozenset[str] = frozenset(get_args(SettleKind))
 
 #: Audit fields a settlement may change; stored as hash fields over the record's creation JSON.
@@ -277,22 +285,19 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str | None = None) -> None:
         conn_url, self.prefix = split_url(url, prefix)
-        # Fail fast when Redis is down (fail_safe_action answers at once), but ride out a dropped
-        # pooled connection: a few quick retries. Retrying a script is safe: reserve, settle and
-        # renew are idempotent by reservation id, record by request id.
-        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), 3)
+        retry = Retry(_BACKOFF, _RETRIES)
         # A bounded pool that queues callers (up to 5 s) instead of failing a burst with "Too many
         # connections"; Redis runs one command at a time, so more sockets would not add throughput.
         # URL options (?max_connections=…, ?socket_timeout=…) override these defaults.
         pool = aioredis.BlockingConnectionPool.from_url(
             conn_url, max_connections=_POOL_SIZE, timeout=5.0, decode_responses=True,
-            socket_connect_timeout=2.0, socket_timeout=10.0, retry=retry,
+            socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_REPLY_TIMEOUT, retry=retry,
         )  # fmt: skip
         self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         # The hot commands (scripts, the settle index) go through a lean pipelined connection
         # when the URL allows it (see ledger/resp.py); everything else through redis-py.
-        options = lean_options(conn_url, connect_timeout=2.0, reply_timeout=10.0)
-        self._lean = RespPipe(options) if options is not None else None
+        options = lean_options(conn_url, connect_timeout=_CONNECT_TIMEOUT, reply_timeout=_REPLY_TIMEOUT)
+        self._lean = RespPipe(options, retries=_RETRIES, backoff=_BACKOFF) if options is not None else None
         self._routes: dict[str, tuple[str, tuple[str, ...]]] = {}
         #: Orgs this process already added to ``P:orgs`` (saves a command on every reserve).
         self._known_orgs: set[str] = set()

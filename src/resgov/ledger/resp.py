@@ -33,6 +33,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 from redis.exceptions import (
     AuthenticationError,
     NoScriptError,
@@ -212,9 +213,13 @@ class _Protocol(asyncio.Protocol):
 class RespPipe:
     """The ledger's hot-path connection to Redis (see the module docstring)."""
 
-    def __init__(self, options: LeanOptions, *, retries: int = 3) -> None:
+    def __init__(
+        self, options: LeanOptions, *, retries: int = 3, backoff: AbstractBackoff | None = None
+    ) -> None:
         self.options = options
         self.retries = retries
+        #: The pause before each retry (redis-py's own backoff; the ledger passes its policy).
+        self.backoff = backoff or ExponentialWithJitterBackoff()
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
@@ -279,7 +284,7 @@ class RespPipe:
             AuthenticationError,  # wrong credentials do not fix themselves
         )
         if retriable and attempt < self.retries and not self._closed:
-            delay = min(0.25, 0.01 * 2 ** (attempt + 1))
+            delay = self.backoff.compute(attempt + 1)
             result.get_loop().call_later(delay, self._attempt, payload, count, result, attempt + 1)
         elif not result.done():
             result.set_exception(error)
