@@ -59,7 +59,7 @@ class LineState:
 
 
 #: The state of a line nothing was ever spent or reserved on.
-_NO_SPEND = LineState()
+NO_SPEND = LineState()
 
 
 def lines_for(
@@ -87,7 +87,7 @@ def first_misfit(
 ) -> BudgetLine | None:
     """The first line that cannot take ``amount`` more, or ``None`` if all can (all-or-nothing)."""
     for line in lines:
-        state = states.get(line.key, _NO_SPEND)
+        state = states.get(line.key, NO_SPEND)
         if state.used + amount > line.limit:
             return line
     return None
@@ -97,7 +97,7 @@ def remaining(lines: Sequence[BudgetLine], states: Mapping[str, LineState]) -> i
     """The smallest ``limit - spent - reserved`` over the lines (never below 0); None if no lines."""
     if not lines:
         return None
-    return min(max(0, line.limit - states.get(line.key, _NO_SPEND).used) for line in lines)
+    return min(max(0, line.limit - states.get(line.key, NO_SPEND).used) for line in lines)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
-from resgov.core.budget import LineState, first_misfit, settle
+from resgov.core.budget import NO_SPEND, LineState, first_misfit, settle
 from resgov.ledger.sqlite_writer import GroupCommitWriter, connect
 from resgov.ledger.store import (
     ApiKeyRecord,
@@ -90,7 +90,6 @@ AUDIT_COLUMNS = (
     "overage, estimated, expired, input_tokens, output_tokens, upstream_request_id, started_at, finished_at, detail"
 )
 _INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({','.join('?' * 21)})"
-_NO_SPEND = LineState()
 
 
 def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
@@ -250,7 +249,7 @@ class SQLiteStore:
         lines = self._lines
 
         def op(conn: sqlite3.Connection, now: float) -> ReserveOutcome:
-            states = {key: lines.get(conn, org, key) or _NO_SPEND for key in keys}
+            states = {key: lines.get(conn, org, key) or NO_SPEND for key in keys}
             refused = first_misfit(request.lines, states, amount)
             if refused is not None:
                 return ReserveOutcome(ok=False, states=states, refused=refused)
@@ -371,7 +370,7 @@ class SQLiteStore:
                 return False
             conn.execute(_INSERT_AUDIT, row)
             for key in keys:
-                state = self._lines.get(conn, entry.org, key) or _NO_SPEND
+                state = self._lines.get(conn, entry.org, key) or NO_SPEND
                 self._lines.put(entry.org, key, LineState(state.spent + entry.actual, state.reserved))
             return True
 
