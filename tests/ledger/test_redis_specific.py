@@ -277,6 +277,35 @@ async def test_stale_line_keys_are_corrected_by_the_script(redis_stores: Factory
                    "a:someone-else:daily:1": LineState()}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("spent", "reserved", "charge"),
+    [("0", "0", 30), ("-5", "40", 30), ("7", "0", 0), ("-1000000000", "-3", 2**62), ("", "", 1)],
+)
+async def test_settle_writes_exact_signed_line_states(
+    redis_stores: Factory, spent: str, reserved: str, charge: int
+) -> None:
+    # The settle script reads each line once and writes both fields; a line that was changed
+    # while the call was in flight (even below zero, or emptied) must end exactly as two
+    # HINCRBYs would have left it, and the states it returns must be what it stored.
+    store = await redis_stores()
+    client = await raw_client(store)
+    lines = [line(limit=2**63 - 1), line(limit=2**63 - 1, agent=None)]
+    assert (await store.reserve(request("r1", 100, lines))).ok
+    first = store._line(ORG, lines[0].key)
+    if spent or reserved:
+        await client.hset(first, mapping={"spent": spent, "reserved": reserved})
+    else:
+        await client.delete(first)
+    out = await store.settle(SettleRequest("r1", "actual", charge, "completed"))
+    assert out.settled
+    want = LineState(int(spent or 0) + charge, int(reserved or 0) - 100)
+    assert out.states[lines[0].key] == want
+    assert out.states[lines[1].key] == LineState(charge, 0)
+    assert await store.line_states(ORG, [lines[0].key]) == {lines[0].key: want}
+    raw = await client.hmget(first, "spent", "reserved")
+    assert list(raw) == [str(want.spent), str(want.reserved)]
+
+
 async def test_settle_without_the_index_leaves_it_to_the_sweeper(redis_stores: Factory) -> None:
     a, b = await redis_stores(), await redis_stores()
     assert (await a.reserve(request("r1", 100, [line()], ttl=0.2))).ok
