@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from resgov.config.rgf import parse_policy
@@ -308,3 +310,34 @@ async def test_render_is_serialised() -> None:
     m = Metrics()
     texts = await asyncio.gather(*(m.render() for _ in range(5)))
     assert all(b"resgov_info" in t for t in texts)
+
+
+# -- the loop-owned histogram ------------------------------------------------------------------------
+
+_BOUNDS = metrics_module.STORE_BUCKETS
+_VALUES = st.one_of(
+    st.sampled_from([*_BOUNDS, 0.0, -1.0]),  # exactly on a bound (le is inclusive), zero, negative
+    st.floats(min_value=-1.0, max_value=2 * _BOUNDS[-1], allow_nan=False),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["reserve", "settle"]), _VALUES), max_size=60))
+def test_loop_histogram_exposes_what_prometheus_client_would(observations: list[tuple[str, float]]) -> None:
+    # The same observations through prometheus_client's own Histogram (clamped at 0, as the
+    # hooks always did) and through LoopHistogram must give the same exposition, _created aside.
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = metrics_module.LoopHistogram("h_seconds", "help", ["op"], _BOUNDS)
+    ours_registry.register(ours)
+    theirs = Histogram("h_seconds", "help", ["op"], buckets=_BOUNDS, registry=theirs_registry)
+    for op, value in observations:
+        ours.observe((op,), value)
+        theirs.labels(op).observe(max(0.0, value))
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [x for x in text.splitlines() if "_created" not in x]
+
+    assert lines(ours_registry) == lines(theirs_registry)
