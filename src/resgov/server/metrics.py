@@ -160,7 +160,8 @@ class LoopHistogram:
     bucket, 2–4 µs here, and the hot path observes four times per call (overhead, upstream,
     reserve, settle). Here an observation is a bisect and two additions on plain lists; the
     client library formats them (cumulative buckets, ``+Inf``, ``_count``, ``_sum``) only when
-    scraped, which also happens on the loop. Measured with ``bench/path_bench.py``.
+    scraped, which also happens on the loop. The metrics hooks of one proxied call went from
+    5.15 to 1.73 µs (bench/README.md, "Third look").
     """
 
     def __init__(
