@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from resgov.alerts.config import WebhookSection
 from resgov.config.rgf import (
     AgentSection,
     GlobalSection,
@@ -56,7 +57,7 @@ def test_every_section_is_documented_in_the_readme() -> None:
 
 _MODELS: dict[str, type[BaseModel]] = {
     "global": GlobalSection, "providers.NAME": ProviderSection, 'models."NAME"': ModelSection,
-    "orgs.NAME": OrgSection, "agents.NAME": AgentSection,
+    "orgs.NAME": OrgSection, "agents.NAME": AgentSection, "webhooks[]": WebhookSection,
 }  # fmt: skip
 
 
@@ -97,11 +98,13 @@ def test_documented_keys_are_exactly_what_the_loader_accepts() -> None:
         "connect_timeout": "1", "first_byte_timeout": "1", "idle_timeout": "1", "input_per_mtok": "1",
         "output_per_mtok": "2", "cache_read_per_mtok": "0.1", "cache_write_per_mtok": "1.25", "per_request": "0.001",
         "max_output_tokens": "100", "context_window": "1000", "org": '"acme"', "max_tokens_per_request": "10",
-        "allowed_models": '["*"]', "allowed_tools": "[]",
+        "allowed_models": '["*"]', "allowed_tools": "[]", "name": '"ops"', "url": '"https://hooks.example.com/x"',
+        "url_env": '"OPS_WEBHOOK"', "type": '"slack"', "events": '["budget.*"]', "org_id": '"acme"',
+        "secret_env": '"OPS_SECRET"', "enabled": "false",
     }  # fmt: skip
     sections = {
         "global": "[global]", "providers.NAME": "[providers.sim]", 'models."NAME"': '[models."m"]',
-        "orgs.NAME": "[orgs.acme]", "agents.NAME": "[agents.bot]",
+        "orgs.NAME": "[orgs.acme]", "agents.NAME": "[agents.bot]", "webhooks[]": "[[webhooks]]",
     }  # fmt: skip
     keys = documented_keys()
     for full in sorted(keys):
@@ -112,6 +115,11 @@ def test_documented_keys_are_exactly_what_the_loader_accepts() -> None:
         body = {"global": {"default_provider": '"sim"'}, "providers.NAME": {"base_url": values["base_url"]}}
         if prefix == 'models."NAME"':
             body[prefix] = {"input_per_mtok": "1", "output_per_mtok": "2"}
+        if prefix == "webhooks[]":
+            # An entry needs a name and exactly one of url and url_env (the key under test may be either).
+            body[prefix] = {"name": values["name"]}
+            if bare not in ("url", "url_env"):
+                body[prefix]["url"] = values["url"]
         body.setdefault(prefix, {})[bare] = values.get(bare) or _sample(prefix, bare)
         text = "".join(
             f"{sections[p]}\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()) for p, kv in body.items()
@@ -123,8 +131,10 @@ def test_documented_keys_are_exactly_what_the_loader_accepts() -> None:
                      library_prices=False)  # fmt: skip
     assert "orgs.NAME.agents" in keys
     parse_policy("[orgs.acme.agents.bot]\ndaily_budget = 1\n", library_prices=False)
+    assert {f"webhooks[].{k}" for k in ("name", "url", "url_env", "type", "events", "secret_env")} <= keys
     for typo in (
         '[global]\ntimezones = "UTC"\n',
+        '[[webhooks]]\nname = "ops"\nurl = "https://hooks.example.com/x"\nsecrets_env = "X"\n',
         "[agents.bot]\ndaily_budgets = 1\n",
         "[orgs.acme]\nmax_tokens = 1\n",
     ):

@@ -207,6 +207,7 @@ def documented_keys() -> set[str]:
         ('models."NAME"', ModelSection),
         ("orgs.NAME", OrgSection),
         ("agents.NAME", AgentSection),
+        ("webhooks[]", WebhookSection),
     ):
         for name in model.model_fields:
             keys.add(f"{prefix}.{name}")
