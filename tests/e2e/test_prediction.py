@@ -415,6 +415,63 @@ def test_exhaustion_events_are_the_same_read_in_tiny_pages(
     assert asyncio.run(run()) == whole
 
 
+@pytest.mark.parametrize("lookback_hours", [1, 24])
+def test_summary_is_summed_as_read_whatever_the_page_size(
+    world: World, monkeypatch: pytest.MonkeyPatch, lookback_hours: int
+) -> None:
+    """The summary sums the lookback page by page (rows are never all held): its counts must be
+    those of the whole list of rows, and must not depend on where the pages break."""
+    import resgov.server.dashboard as dashboard
+    from resgov.core.forecast import bucket_seconds_for
+    from resgov.ledger.store import AuditQuery
+    from resgov.server.api import Caller
+
+    admin = Caller(admin=True, org=None)
+
+    async def run() -> tuple[dict[str, Any], list[tuple[int, Any]]]:
+        store = SQLiteStore(world.proxy.db)
+        await store.open()
+        try:
+            summary = await dashboard._summary(
+                store, world.policy, admin, "acme", lookback_hours, world.t0, None
+            )
+            rows = await store.audit(AuditQuery(org="acme", limit=100_000))
+        finally:
+            await store.close()
+        return summary, rows
+
+    whole, rows = asyncio.run(run())
+    monkeypatch.setattr(dashboard, "_PAGE", 7)
+    paged, _ = asyncio.run(run())
+    assert paged == whole
+    # The reference: the same counts over the whole list, computed plainly.
+    since = whole["series"]["start"]
+    recent = [e for _, e in rows if e.started_at >= since]
+    assert len(recent) > 20  # more rows than one small page
+    assert len(rows) > len(recent) or lookback_hours == 24  # 1 h: rows read (slack) but not counted
+
+    def totals(entries: list[Any]) -> dict[str, Any]:
+        return {
+            "calls": len(entries),
+            "denied": sum(e.status in ("denied", "rejected") for e in entries),
+            "errors": sum(e.status == "upstream_error" for e in entries),
+            "in_flight": sum(e.status == "in_flight" for e in entries),
+            "spend": pytest.approx(sum(e.actual for e in entries if e.status != "in_flight") / 1e9),
+            "last_call_at": iso(max(e.started_at for e in entries)) if entries else None,
+        }
+
+    assert whole["org"]["totals"] == totals(recent)
+    for agent in whole["agents"]:
+        assert agent["totals"] == totals([e for e in recent if e.agent == agent["agent_id"]]), agent[
+            "agent_id"
+        ]
+    # The cursor: the 51st newest of the rows the lookback reads (it reads back past ``since``,
+    # by one bucket and the slack for long calls).
+    read_from = world.t0 - lookback_hours * 3600 - bucket_seconds_for(lookback_hours * 3600) - 3 * 3600
+    seqs = sorted(seq for seq, e in rows if e.started_at >= read_from)
+    assert whole["audit_after"] == seqs[-51]
+
+
 def test_dashboard_page_is_served_with_a_strict_csp(world: World) -> None:
     r = httpx.get(f"{world.proxy.url}/dash")
     assert r.status_code == 200

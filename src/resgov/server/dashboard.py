@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +38,6 @@ from resgov.core.forecast import (
     BucketSums,
     Forecast,
     bucket_seconds_for,
-    bucketize,
     estimate_rate,
     forecast,
 )
@@ -137,16 +136,6 @@ async def _pages(
         after = page[-1][0]
 
 
-async def _scan(
-    store: Store, org: str, since: float, hints: _ScanHints | None = None
-) -> list[tuple[int, AuditEntry]]:
-    """Every audit row of ``org`` that started at or after ``since``, oldest first."""
-    rows: list[tuple[int, AuditEntry]] = []
-    async for page in _pages(store, org, since, hints):
-        rows.extend(page)
-    return rows
-
-
 def _spend_events_of(rows: Iterable[tuple[int, AuditEntry]]) -> Iterator[tuple[float, int, str]]:
     """``(finished_at, actual, agent)`` of settled rows with a charge."""
     for _, entry in rows:
@@ -154,9 +143,132 @@ def _spend_events_of(rows: Iterable[tuple[int, AuditEntry]]) -> Iterator[tuple[f
             yield entry.finished_at, entry.actual, entry.agent
 
 
-def _spend_events(rows: Iterable[tuple[int, AuditEntry]], agent: str | None) -> list[tuple[float, int]]:
-    """``(finished_at, actual)`` of settled rows with a charge (of one agent, or all)."""
-    return [(at, actual) for at, actual, who in _spend_events_of(rows) if agent is None or who == agent]
+@dataclass(slots=True)
+class _Tally:
+    """Calls, denials, errors, in-flight calls and spend among rows that started at or after ``since``."""
+
+    since: float
+    calls: int = 0
+    denied: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    spend: int = 0
+    last: float | None = None
+
+    def add(self, entry: AuditEntry) -> None:
+        started = entry.started_at
+        if started < self.since:
+            return
+        self.calls += 1
+        status = entry.status
+        if status in _DENIED:
+            self.denied += 1
+        elif status in _ERRORS:
+            self.errors += 1
+        if status == "in_flight":
+            self.in_flight += 1
+        else:
+            self.spend += entry.actual
+        if self.last is None or started > self.last:
+            self.last = started
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "denied": self.denied,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "spend": _units(self.spend),
+            "last_call_at": _iso(self.last),
+        }
+
+
+class _Lookback:
+    """One org's audit rows over a lookback, summed as they are read, page by page.
+
+    Spend per bucket (the org's and each agent's), call counts, the agents that spent, and
+    the cursor of the latest records: only sums are kept, never the rows, so a poll of a
+    busy org's week (up to ``_MAX_ROWS`` rows) costs the same memory as one of a quiet hour.
+    ``bound`` is the agent a key is bound to: the org's totals and the cursor then cover its
+    rows only.
+    """
+
+    def __init__(self, now: float, lookback: float, size: int, bound: str | None = None) -> None:
+        self._now, self._lookback, self._size = now, lookback, size
+        self.org = BucketSums(now, lookback, size)
+        #: Counts start with the first bucket (the chart's left edge).
+        self.since = self.org.buckets().start
+        self.agents: dict[str, BucketSums] = {}
+        self.tallies: dict[str, _Tally] = {}
+        self.org_tally = _Tally(self.since)
+        #: Agents with a finished, charged row in the lookback (listed even when the policy no longer has them).
+        self.spenders: set[str] = set()
+        self._bound = bound
+        self._last_seq = 0
+        self._first_match: int | None = None
+        self._matches = 0
+        self._recent: deque[int] = deque(maxlen=_RECENT + 1)
+
+    def add(self, page: Iterable[tuple[int, AuditEntry]]) -> None:
+        """Count one page of rows (oldest first)."""
+        bound = self._bound
+        for seq, entry in page:
+            agent = entry.agent
+            tally = self.tallies.get(agent)
+            if tally is None:
+                tally = self.tallies[agent] = _Tally(self.since)
+            tally.add(entry)
+            self._last_seq = seq
+            if bound is None or agent == bound:
+                self.org_tally.add(entry)
+                if self._first_match is None:
+                    self._first_match = seq
+                self._matches += 1
+                self._recent.append(seq)
+            finished = entry.finished_at
+            if finished is None or entry.actual <= 0:
+                continue
+            self.spenders.add(agent)
+            if entry.status == "in_flight":
+                continue
+            self.org.add(finished, entry.actual)
+            sums = self.agents.get(agent)
+            if sums is None:
+                sums = self.agents[agent] = BucketSums(self._now, self._lookback, self._size)
+            sums.add(finished, entry.actual)
+
+    def agent_buckets(self, agent: str) -> Buckets:
+        """One agent's spend per bucket (all zero when it spent nothing)."""
+        sums = self.agents.get(agent) or BucketSums(self._now, self._lookback, self._size)
+        return sums.buckets()
+
+    def agent_tally(self, agent: str) -> _Tally:
+        """One agent's counts (all zero when it made no call)."""
+        return self.tallies.get(agent) or _Tally(self.since)
+
+    def audit_after(self) -> int:
+        """A cursor for ``GET /api/v1/audit?after=`` that yields the last ``_RECENT`` rows (and newer)."""
+        if self._first_match is None:
+            return self._last_seq
+        if self._matches <= _RECENT:
+            return self._first_match - 1
+        return self._recent[0]
+
+
+async def _read_lookback(
+    store: Store,
+    org: str,
+    now: float,
+    lookback: float,
+    size: int,
+    hints: _ScanHints | None,
+    bound: str | None = None,
+) -> _Lookback:
+    """Sum the org's audit rows that started in the lookback (with slack for long calls)."""
+    summed = _Lookback(now, lookback, size, bound)
+    async for page in _pages(store, org, now - lookback - size - _START_SLACK, hints):
+        summed.add(page)
+    return summed
 
 
 # --- forecasts per budget line -----------------------------------------------------------------
@@ -398,35 +510,9 @@ def _window_json(line: BudgetLine, state: LineState, f: Forecast, currency: str)
     }
 
 
-def _counts(rows: Iterable[tuple[int, AuditEntry]], since: float) -> dict[str, Any]:
-    """Calls, denials, errors, in-flight calls and spend among rows that started after ``since``."""
-    # Comprehensions and a Counter rather than one loop of many branches: several times faster
-    # over the tens of thousands of rows a busy org's lookback can hold.
-    recent = [e for _, e in rows if e.started_at >= since]
-    statuses: Counter[str] = Counter(e.status for e in recent)
-    spend = sum(e.actual for e in recent if e.status != "in_flight")
-    last = max((e.started_at for e in recent), default=None)
-    return {
-        "calls": len(recent),
-        "denied": sum(statuses[s] for s in _DENIED),
-        "errors": sum(statuses[s] for s in _ERRORS),
-        "in_flight": statuses["in_flight"],
-        "spend": _units(spend),
-        "last_call_at": _iso(last),
-    }
-
-
 def _series(b: Buckets) -> list[float | None]:
     """Spend per bucket in currency units (what the chart draws)."""
     return [_units(a) for a in b.amounts]
-
-
-def _audit_after(rows: Sequence[tuple[int, AuditEntry]], agent: str | None) -> int:
-    """A cursor for ``GET /api/v1/audit?after=`` that yields the last ``_RECENT`` rows (and newer)."""
-    seqs = [seq for seq, e in rows if agent is None or e.agent == agent]
-    if len(seqs) <= _RECENT:
-        return seqs[0] - 1 if seqs else (rows[-1][0] if rows else 0)
-    return seqs[-_RECENT - 1]
 
 
 async def _summary(
@@ -445,7 +531,7 @@ async def _summary(
     bound = caller.key.agent_id if caller.key is not None else None
     agents = [a for (o, name), a in sorted(policy.agents.items()) if o == org and bound in (None, name)]
 
-    rows = await _scan(store, org, now - lookback - size - _START_SLACK, hints)
+    summed = await _read_lookback(store, org, now, lookback, size, hints, bound)
     org_lines = _org_lines(policy, org, wall)
     agent_lines = {
         a.agent_id: [ln for ln in policy.budget_lines(a, wall) if ln.level == "agent"] for a in agents
@@ -453,8 +539,7 @@ async def _summary(
     keys = [ln.key for ln in org_lines] + [ln.key for lines in agent_lines.values() for ln in lines]
     states = await store.line_states(org, keys) if keys else {}
 
-    org_buckets = bucketize(_spend_events(rows, None), now, lookback, size)
-    since_counts = org_buckets.start
+    org_buckets = summed.org.buckets()
 
     def windows(lines: Sequence[BudgetLine], b: Buckets) -> list[dict[str, Any]]:
         out = []
@@ -466,18 +551,12 @@ async def _summary(
 
     # Agents the policy no longer lists still spent money in the lookback: show them, flagged,
     # so the org's total is never unexplained (unless the key is bound to one agent).
-    spenders = {e.agent for _, e in rows if e.finished_at is not None and e.actual > 0}
-    extra = sorted(spenders - {a.agent_id for a in agents}) if bound is None else []
-    # One pass to group rows by agent: an org may have many agents and many rows per poll.
-    by_agent: dict[str, list[tuple[int, AuditEntry]]] = {}
-    for row in rows:
-        by_agent.setdefault(row[1].agent, []).append(row)
+    extra = sorted(summed.spenders - {a.agent_id for a in agents}) if bound is None else []
     agents_json = []
     for name, lines, in_policy in [(a.agent_id, agent_lines[a.agent_id], True) for a in agents] + [
         (n, [], False) for n in extra
     ]:
-        agent_rows = by_agent.get(name, [])
-        b = bucketize(_spend_events(agent_rows, None), now, lookback, size)
+        b = summed.agent_buckets(name)
         rate = estimate_rate(b)
         agents_json.append(
             {
@@ -487,7 +566,7 @@ async def _summary(
                 "rate_usd_per_hour": _units(rate.rate_per_hour),
                 "trend": rate.trend,
                 "confidence": rate.confidence,
-                "totals": _counts(agent_rows, since_counts),
+                "totals": summed.agent_tally(name).json(),
                 "spend_series": _series(b),
             }
         )
@@ -512,11 +591,11 @@ async def _summary(
             "rate_usd_per_hour": _units(org_rate.rate_per_hour) if bound is None else None,
             "trend": org_rate.trend if bound is None else None,
             "confidence": org_rate.confidence if bound is None else None,
-            "totals": _counts(rows if bound is None else by_agent.get(bound, []), since_counts),
+            "totals": summed.org_tally.json(),
             "spend_series": _series(org_buckets) if bound is None else None,
         },
         "agents": agents_json,
-        "audit_after": _audit_after(rows, bound),
+        "audit_after": summed.audit_after(),
     }
 
 
@@ -575,24 +654,23 @@ def build_dashboard_router(clock: Callable[[], float] | None = None) -> APIRoute
         ]
         currency = policy.global_.currency
         try:
-            rows = await _scan(rt.store, org, now - lookback - size - _START_SLACK, _hints(request))
+            summed = await _read_lookback(rt.store, org, now, lookback, size, _hints(request))
             states: Mapping[str, LineState] = (
                 await rt.store.line_states(org, [ln.key for ln in lines]) if lines else {}
             )
         except StoreError as exc:
             raise StoreUnavailable("The ledger store is unreachable.", reason="store_unavailable") from exc
+        own, whole = summed.agent_buckets(agent_id), summed.org.buckets()
         candidates = []
         for line in lines:
-            events = _spend_events(rows, agent_id if line.level == "agent" else None)
-            b = bucketize(events, now, lookback, size)
+            b = own if line.level == "agent" else whole
             state = states.get(line.key, LineState())
             candidates.append(
                 (line, forecast(b, limit=line.limit, used=state.used, resets_at=line.resets_at))
             )
         chosen = _binding(candidates)
         if chosen is None:
-            b = bucketize(_spend_events(rows, agent_id), now, lookback, size)
-            f = forecast(b, limit=None, used=0, resets_at=None)
+            f = forecast(own, limit=None, used=0, resets_at=None)
             level: str | None = None
             limit_units: float | None = None
         else:
