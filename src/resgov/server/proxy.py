@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ class Plan:
 
 @dataclass(slots=True)
 class Settler:
-    """Settles one reservation exactly once, shielded from cancellation."""
+    """Settles one reservation exactly once, and finishes it even if the call is cancelled."""
 
     rt: Runtime
     rid: str
@@ -188,6 +189,23 @@ class Settler:
             upstream_request_id=upstream_id,
             durable=self.plan.policy.global_.on_expired_reservation == "release",
         )
+        if self.journaled is None and self.ticket is None:
+            # The common case, awaited in the call's own task: the settlement joins the ledger's
+            # current batch. Run as a task of its own it reached the ledger an event-loop turn
+            # later, in smaller batches: 10 % more CPU per call at concurrency 32 (bench/README).
+            try:
+                self.outcome = await self.rt.store.settle(request)
+            except StoreError as exc:
+                self.outcome = await self.rt.shielded(
+                    functools.partial(self._settle_after_failure, request, kind, usage, exc)
+                )
+            except asyncio.CancelledError:
+                # Cancelled mid-settlement (a shutdown): settle in a task the cancellation cannot
+                # reach, then let it go on. Settling is idempotent by reservation id: if the first
+                # attempt reached the ledger, this one finds nothing left to settle.
+                self.outcome = await self.rt.shielded(lambda: self._settle_all(request, kind, usage))
+                raise
+            return self.outcome
         self.outcome = await self.rt.shielded(lambda: self._settle_all(request, kind, usage))
         return self.outcome
 
@@ -200,18 +218,29 @@ class Settler:
             try:
                 outcome = await self.rt.store.settle(request)
             except StoreError as exc:
-                # The store went away mid-call. The reservation is durable, so nothing is lost
-                # (the sweeper would charge it), but its real cost is known now: journal it, and
-                # still answer the client; reconciliation settles the reservation once it is back.
-                try:
-                    self.journaled = await self.rt.journal.open_call(
-                        request_id=self.rid, org=self.plan.agent.org, agent=self.plan.agent.agent_id,
-                        model=self.plan.req.model, provider=self.plan.provider.name, route="",
-                        bound=self.plan.amount, lines=self.plan.lines, reason=str(exc), reserved=True,
-                    )  # fmt: skip
-                except JournalError:
-                    raise exc from None
-                outcome = await self._close_journaled(request, kind, usage)
+                return await self._settle_after_failure(request, kind, usage, exc)
+        return await self._release_guard(outcome, kind, usage)
+
+    async def _settle_after_failure(
+        self, request: SettleRequest, kind: SettleKind, usage: Usage | None, exc: StoreError
+    ) -> SettleOutcome:
+        """The store went away mid-call. The reservation is durable, so nothing is lost (the
+        sweeper would charge it), but its real cost is known now: journal it, and still answer
+        the client; reconciliation settles the reservation once the store is back."""
+        try:
+            self.journaled = await self.rt.journal.open_call(
+                request_id=self.rid, org=self.plan.agent.org, agent=self.plan.agent.agent_id,
+                model=self.plan.req.model, provider=self.plan.provider.name, route="",
+                bound=self.plan.amount, lines=self.plan.lines, reason=str(exc), reserved=True,
+            )  # fmt: skip
+        except JournalError:
+            raise exc from None
+        outcome = await self._close_journaled(request, kind, usage)
+        return await self._release_guard(outcome, kind, usage)
+
+    async def _release_guard(
+        self, outcome: SettleOutcome, kind: SettleKind, usage: Usage | None
+    ) -> SettleOutcome:
         if self.ticket is not None:
             # Before the response's last byte: a client that sends its next call at once must
             # find its concurrency slot free and its token window holding the actual tokens.
