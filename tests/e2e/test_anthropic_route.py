@@ -314,6 +314,31 @@ def test_anthropic_route_refusals_use_anthropic_envelope(proxy: Proxy, sim: SimU
     proxy.ledger.check_invariants()
 
 
+def test_web_fetch_is_bounded_by_its_limits_or_refused(proxy: Proxy, sim: SimUpstreamThread) -> None:
+    key = proxy.key()
+    headers = {"x-api-key": key, "X-ResGov-Agent-ID": "claude", "anthropic-version": "2023-06-01"}
+    fetch = {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 2}
+    message = {"model": CLAUDE, "max_tokens": 50, "messages": [{"role": "user", "content": "read it"}]}
+    # Without max_content_tokens nothing bounds the pages it brings in: refused, never sent.
+    r = httpx.post(f"{proxy.url}/v1/messages", headers=headers, json={**message, "tools": [fetch]})
+    assert r.status_code == 403
+    assert r.json()["type"] == "error" and r.json()["error"]["reason"] == "unbounded_cost"
+    assert not upstream_requests(sim, "/v1/messages")
+    # With both limits, up to max_uses pages of max_content_tokens are reserved as input.
+    body = orjson.dumps({**message, "tools": [{**fetch, "max_content_tokens": 8_000}]})
+    r = httpx.post(
+        f"{proxy.url}/v1/messages", headers={**headers, "content-type": "application/json"}, content=body
+    )
+    assert r.status_code == 200, r.text
+    price = price_of(CLAUDE, sim)
+    reserved = nano(r.headers["x-resgov-reserved"])
+    assert reserved == bound_of(Messages(), body, price)
+    pages = bound_cost(price, 2 * 8_000, 0) - bound_cost(price, 0, 0)
+    assert reserved >= bound_of(Messages(), orjson.dumps(message), price) + pages
+    assert [s for s, _ in audit_actuals(proxy, "claude")] == ["denied", "completed"]
+    proxy.ledger.check_invariants()
+
+
 def test_anthropic_stream_cut_midway_is_charged_estimated(proxy: Proxy, sim: SimUpstreamThread) -> None:
     client = anthropic_client(proxy, proxy.key())
     with pytest.raises(anthropic.APIError):  # noqa: SIM117 - the error may come from either

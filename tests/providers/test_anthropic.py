@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resgov.core.bounds import input_bound
-from resgov.core.errors import BadRequest, InvalidValue
+from resgov.core.errors import BadRequest, Forbidden, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import ModelPrice, Rate, Usage, usage_cost
 from resgov.providers.anthropic import (
@@ -116,6 +116,34 @@ def test_parse_documents_in_messages_and_tool_results_are_found() -> None:
             InvalidValue,
             "max_uses",
         ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "web_fetch_20250910",
+                        "name": "web_fetch",
+                        "max_uses": 2,
+                        "max_content_tokens": 1.5,
+                    }
+                ]
+            },
+            BadRequest,
+            "max_content_tokens",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "web_fetch_20250910",
+                        "name": "web_fetch",
+                        "max_uses": 0,
+                        "max_content_tokens": 9,
+                    }
+                ]
+            },
+            InvalidValue,
+            "max_uses",
+        ),
         ({"tool_choice": "auto"}, BadRequest, "tool_choice"),
         ({"tool_choice": {"type": "tool"}}, BadRequest, "tool_choice.name"),
         ({"mcp_servers": {}}, BadRequest, "mcp_servers"),
@@ -158,6 +186,27 @@ def test_tool_names_server_tools_and_web_search_bound() -> None:
 def test_web_search_without_max_uses_is_unbounded() -> None:
     tools = [{"type": "web_search_20250305", "name": "web_search"}]
     assert parse_messages(raw(tools=tools)).web_searches is None
+
+
+def test_web_fetch_pages_are_in_the_input_bound() -> None:
+    tools = [
+        {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 2, "max_content_tokens": 5_000},
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 1},
+    ]
+    data = raw(tools=tools)
+    req = parse_messages(data)
+    assert req.tools == ["web_fetch", "web_search"]
+    # Fetched pages are input the body does not hold: up to max_uses pages of max_content_tokens.
+    assert req.raw_size == len(data) + 1 * WEB_SEARCH_RESULT_TOKENS + 2 * 5_000
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_uses": 3}, {"max_content_tokens": 4_000}])
+def test_web_fetch_without_both_limits_is_unbounded_and_refused(limits: dict[str, int]) -> None:
+    tools = [{"type": "web_fetch_20250910", "name": "web_fetch", **limits}]
+    with pytest.raises(Forbidden) as info:
+        parse_messages(raw(tools=tools))
+    assert info.value.status == 403 and info.value.reason == "unbounded_cost"
+    assert "max_content_tokens" in info.value.message and "max_uses" in info.value.message
 
 
 def test_forced_tool_not_offered_is_still_checked() -> None:

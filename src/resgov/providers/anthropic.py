@@ -15,7 +15,7 @@ from typing import Any, TypeGuard
 import orjson
 
 from resgov.core.bounds import string_bytes
-from resgov.core.errors import BadRequest, InvalidValue
+from resgov.core.errors import BadRequest, Forbidden, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
@@ -108,10 +108,27 @@ class ToolFacts:
     web_searches: int | None = 0
     #: Server tools other than custom (client-side) ones: web search, code execution...
     server_tools: list[str] = field(default_factory=list)
+    #: Most input tokens fetched pages can add: ``max_uses × max_content_tokens`` summed over
+    #: the web fetch tools; None when one of them lacks either limit (no bound).
+    fetch_tokens: int | None = 0
+
+
+def _tool_limit(tool: dict[str, Any], key: str, i: int) -> int | None:
+    """A server tool's positive integer limit (``max_uses``…): None when absent, 400 / 422 when bad."""
+    value = tool.get(key)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise BadRequest(f"'tools[{i}].{key}' must be an integer.", reason="invalid_type", param="tools")
+    if value < 1:
+        raise InvalidValue(
+            f"'tools[{i}].{key}' must be at least 1, got {value}.", reason="invalid_value", param="tools"
+        )
+    return int(value)
 
 
 def tool_facts(body: dict[str, Any]) -> ToolFacts:
-    """Names of every tool offered or forced, and the web-search bound (``max_uses``)."""
+    """Names of every tool offered or forced, and the bounds of web search and web fetch."""
     facts = ToolFacts()
     tools = body.get("tools")
     if tools is not None:
@@ -133,21 +150,18 @@ def tool_facts(body: dict[str, Any]) -> ToolFacts:
             if kind is not None and kind != "custom":
                 facts.server_tools.append(kind)
             if isinstance(kind, str) and kind.startswith("web_search"):
-                uses = tool.get("max_uses")
+                uses = _tool_limit(tool, "max_uses", i)
                 if uses is None:
                     facts.web_searches = None
-                elif not _is_int(uses):
-                    raise BadRequest(
-                        f"'tools[{i}].max_uses' must be an integer.", reason="invalid_type", param="tools"
-                    )
-                elif uses < 1:
-                    raise InvalidValue(
-                        f"'tools[{i}].max_uses' must be at least 1, got {uses}.",
-                        reason="invalid_value",
-                        param="tools",
-                    )
                 elif facts.web_searches is not None:
-                    facts.web_searches += int(uses)
+                    facts.web_searches += uses
+            elif isinstance(kind, str) and kind.startswith("web_fetch"):
+                uses = _tool_limit(tool, "max_uses", i)
+                size = _tool_limit(tool, "max_content_tokens", i)
+                if uses is None or size is None:
+                    facts.fetch_tokens = None
+                elif facts.fetch_tokens is not None:
+                    facts.fetch_tokens += uses * size
     choice = body.get("tool_choice")
     if choice is not None:
         if not isinstance(choice, dict) or not isinstance(choice.get("type"), str):
@@ -227,8 +241,18 @@ def parse_messages(raw: bytes) -> ParsedRequest:
     cap = _max_tokens(body)
     _check_thinking(body.get("thinking"))
     facts = tool_facts(body)
-    # Search results are billed as input but are not in the body: allow for them.
-    search_input = (facts.web_searches or 0) * WEB_SEARCH_RESULT_TOKENS
+    if facts.fetch_tokens is None:
+        # Fetched pages are billed as input the body does not hold; without both limits
+        # nothing bounds how much of it a call can bring in.
+        raise Forbidden(
+            "The web fetch tool needs both max_uses and max_content_tokens: fetched pages are billed "
+            "as input, and without both limits ResGov cannot bound the call's cost.",
+            type="unbounded_cost",
+            reason="unbounded_cost",
+            param="tools",
+        )
+    # Search results and fetched pages are billed as input but are not in the body: allow for them.
+    search_input = (facts.web_searches or 0) * WEB_SEARCH_RESULT_TOKENS + facts.fetch_tokens
     return ParsedRequest(
         body=body,
         model=model,
