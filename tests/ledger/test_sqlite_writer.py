@@ -185,3 +185,40 @@ async def test_a_bug_on_the_commit_thread_fails_its_batch_and_the_writer_goes_on
         await asyncio.wait_for(reserve(store, "r1", 100, LINES), 5)
     assert (await asyncio.wait_for(reserve(store, "r2", 100, LINES), 5)).ok
     assert set(file_lines(store.path).values()) == {(0, 100)}
+
+
+async def test_a_batch_is_answered_before_the_checkpoint_it_made_due(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint copies many commits into the database file and fsyncs it; the reservation
+    # whose commit made it due must not wait for that (it is durable once its WAL is fsync'd).
+    from resgov.ledger import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY", 3)
+    writer = store._writer
+    conn = writer._conn
+    assert conn is not None
+    started, gate = threading.Event(), threading.Event()
+
+    def trace(sql: str) -> None:  # runs on the thread that executes the statement
+        if "wal_checkpoint" in sql:
+            started.set()
+            gate.wait(10)
+
+    conn.set_trace_callback(trace)
+    try:
+        for i in range(3):  # durable batches, one at a time: the third makes a checkpoint due
+            out = await asyncio.wait_for(reserve(store, f"r{i}", 10, LINES), 5)
+            assert out.ok
+        # The checkpoint is running (held), and the reservation that made it due was answered.
+        assert await asyncio.to_thread(started.wait, 5)
+        assert file_lines(store.path)[LINES[0].key] == (0, 30)
+        # The writer stays busy until the checkpoint ends; later work waits for it, then goes on.
+        later = asyncio.ensure_future(reserve(store, "r3", 10, LINES))
+        await asyncio.sleep(0.05)
+        assert not later.done()
+    finally:
+        gate.set()
+    assert (await asyncio.wait_for(later, 5)).ok
+    conn.set_trace_callback(None)
+    assert file_lines(store.path)[LINES[0].key] == (0, 40)

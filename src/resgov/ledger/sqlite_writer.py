@@ -246,20 +246,40 @@ class GroupCommitWriter:
         done.add_done_callback(lambda f: self._wake(batch, f))
 
     def _wake(self, batch: list[Op], done: concurrent.futures.Future[None]) -> None:
-        """On the commit thread: hand the committed batch back to the loop."""
+        """On the commit thread: hand the committed batch back to the loop, then checkpoint if due.
+
+        The batch's callers are answered first: a checkpoint copies hundreds of commits into the
+        database file and fsyncs it, and the call whose commit made it due need not wait for
+        that. The writer stays busy until it is done (it uses the connection).
+        """
         exc = done.exception()
         if exc is not None:  # a bug, not a database error (those are caught where they happen)
             self._abandon(self._conn, batch, f"sqlite: {type(exc).__name__}: {exc}")
         loop = self._loop
-        if loop is not None:
+        if loop is None:
+            return
+        conn = self._conn
+        if self._unchecked < CHECKPOINT_EVERY or conn is None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(self._finish, batch)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._answer, batch)
+        self._unchecked = 0
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, [])
 
-    def _finish(self, batch: list[Op]) -> None:
-        self._busy = False
+    def _answer(self, batch: list[Op]) -> None:
         self.batches += 1
         self.batched_ops += len(batch)
         _deliver(batch)
+
+    def _finish(self, batch: list[Op]) -> None:
+        self._busy = False
+        if batch:
+            self._answer(batch)
         if self._pending:
             self._kick()
         elif self._idle is not None:
@@ -353,11 +373,8 @@ class GroupCommitWriter:
             except OSError as exc:
                 # Committed but maybe not on disk: nobody may act on it as if it were.
                 _fail(batch, f"sqlite: cannot fsync the WAL: {exc}")
+        # Counted here; the checkpoint itself runs once the batch is answered (see _wake).
         self._unchecked += 1
-        if self._unchecked >= CHECKPOINT_EVERY and threading.get_ident() != self._loop_thread:
-            self._unchecked = 0
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _sync_wal(self) -> None:
         """fsync the WAL file (commit thread only): the batch just committed is on disk after it."""
