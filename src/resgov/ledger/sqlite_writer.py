@@ -259,7 +259,10 @@ class GroupCommitWriter:
         if loop is None:
             return
         conn = self._conn
-        if self._unchecked < CHECKPOINT_EVERY or conn is None:
+        # A done-callback runs on the loop thread when the batch finished before it was added:
+        # never checkpoint there (the next batch, sent to the commit thread since one is due, will).
+        on_loop = threading.get_ident() == self._loop_thread
+        if self._unchecked < CHECKPOINT_EVERY or conn is None or on_loop:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(self._finish, batch)
             return
