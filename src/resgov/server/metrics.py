@@ -341,8 +341,8 @@ class Metrics:
         self.store_up = Gauge(
             "resgov_store_up", "1 when the last ledger operation succeeded, else 0.", registry=r
         )
-        self.store_up.set(1)
-        self._store_ok = True
+        self._store_ok = False
+        self._store_reachable(True)
         self.upstream_errors = Counter(
             "resgov_upstream_errors_total",
             "Upstream failures by provider and HTTP status (or failure name).",
@@ -409,7 +409,11 @@ class Metrics:
         self.store_latency.observe((op,), seconds)
         if not ok:
             self.store_errors.labels(op).inc()
-        if ok is not self._store_ok:  # the gauge's own lock only when the state flips
+        self._store_reachable(ok)
+
+    def _store_reachable(self, ok: bool) -> None:
+        """``resgov_store_up``: the gauge (and its lock) is touched only when the state flips."""
+        if ok != self._store_ok:
             self._store_ok = ok
             self.store_up.set(1 if ok else 0)
 
@@ -485,8 +489,7 @@ class Metrics:
                     )
                 )
         self._budgets.samples = samples
-        self._store_ok = True
-        self.store_up.set(1)
+        self._store_reachable(True)
         return True
 
     async def render(self) -> bytes:
