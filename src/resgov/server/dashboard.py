@@ -22,7 +22,7 @@ import hashlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -136,13 +136,6 @@ async def _pages(
         after = page[-1][0]
 
 
-def _spend_events_of(rows: Iterable[tuple[int, AuditEntry]]) -> Iterator[tuple[float, int, str]]:
-    """``(finished_at, actual, agent)`` of settled rows with a charge."""
-    for _, entry in rows:
-        if entry.actual > 0 and entry.finished_at is not None and entry.status != "in_flight":
-            yield entry.finished_at, entry.actual, entry.agent
-
-
 @dataclass(slots=True)
 class _Tally:
     """Calls, denials, errors, in-flight calls and spend among rows that started at or after ``since``."""
@@ -231,6 +224,7 @@ class _Lookback:
             self.spenders.add(agent)
             if entry.status == "in_flight":
                 continue
+            # A settled row with a charge: spend at the time it finished.
             self.org.add(finished, entry.actual)
             sums = self.agents.get(agent)
             if sums is None:
@@ -263,11 +257,13 @@ async def _read_lookback(
     size: int,
     hints: _ScanHints | None,
     bound: str | None = None,
+    *,
+    page: int | None = None,
 ) -> _Lookback:
     """Sum the org's audit rows that started in the lookback (with slack for long calls)."""
     summed = _Lookback(now, lookback, size, bound)
-    async for page in _pages(store, org, now - lookback - size - _START_SLACK, hints):
-        summed.add(page)
+    async for rows in _pages(store, org, now - lookback - size - _START_SLACK, hints, size=page):
+        summed.add(rows)
     return summed
 
 
@@ -454,19 +450,14 @@ async def exhaustion_events(
             lines += [(ln, agent.agent_id) for ln in policy.budget_lines(agent, wall) if ln.level == "agent"]
         if not lines:
             continue
-        # Runs every minute on every instance: the lookback is summed page by page, so memory
-        # stays flat however many calls it holds (materialised rows once cost 30 MB here at load).
-        sums = {agent_id: BucketSums(at, lookback, size) for _, agent_id in lines}
-        whole = sums.get(None)
-        async for page in _pages(store, org, at - lookback - size - _START_SLACK, size=_ALERT_PAGE):
-            for at_, actual, spender in _spend_events_of(page):
-                if whole is not None:
-                    whole.add(at_, actual)
-                own = sums.get(spender)
-                if own is not None:
-                    own.add(at_, actual)
+        # Runs every minute on every instance, beside the proxy under load: small pages, summed
+        # as they are read (materialised rows once cost 30 MB here at load).
+        summed = await _read_lookback(store, org, at, lookback, size, None, page=_ALERT_PAGE)
         states = await store.line_states(org, [ln.key for ln, _ in lines])
-        buckets_by = {agent_id: s.buckets() for agent_id, s in sums.items()}
+        buckets_by = {
+            agent_id: summed.org.buckets() if agent_id is None else summed.agent_buckets(agent_id)
+            for _, agent_id in lines
+        }
         for line, agent_id in lines:
             state = states.get(line.key, LineState())
             f = forecast(buckets_by[agent_id], limit=line.limit, used=state.used, resets_at=line.resets_at)
