@@ -32,7 +32,7 @@ DOCUMENT_PART_TYPES = frozenset({"file", "document", "input_file"})
 DOCUMENT_PART_TOKENS = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InputBound:
     """An input-token bound and how it was made (for audit and debugging)."""
 

@@ -100,7 +100,7 @@ def remaining(lines: Sequence[BudgetLine], states: Mapping[str, LineState]) -> i
     return min(max(0, line.limit - states.get(line.key, NO_SPEND).used) for line in lines)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Charge:
     """How a reservation settles: what is charged, what is refunded, what exceeded it."""
 

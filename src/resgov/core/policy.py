@@ -50,17 +50,16 @@ class Limits:
     #: Per ``X-ResGov-Session-ID``: nano-units, and calls.
     session_budget: int | None = None
     max_calls_per_session: int | None = None
+    #: True when at least one guard is on: the hot path skips the guard otherwise, and asks
+    #: this on every call (computed once).
+    any: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def any(self) -> bool:
-        """True when at least one guard is on (the hot path skips the guard otherwise)."""
-        return any(
-            v is not None
-            for v in (
-                self.rpm, self.tpm, self.max_concurrent, self.loop_max_repeats, self.max_spend_per_minute,
-                self.spend_velocity_multiple, self.session_budget, self.max_calls_per_session,
-            )
+    def __post_init__(self) -> None:
+        on = (
+            self.rpm, self.tpm, self.max_concurrent, self.loop_max_repeats, self.max_spend_per_minute,
+            self.spend_velocity_multiple, self.session_budget, self.max_calls_per_session,
         )  # fmt: skip
+        object.__setattr__(self, "any", any(v is not None for v in on))
 
 
 @dataclass(frozen=True, slots=True)

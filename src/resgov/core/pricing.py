@@ -82,9 +82,12 @@ class ModelPrice:
         return max(r.max_reachable(input_bound) for r in rates)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """Token counts as a provider reports them, split by how each is priced.
+
+    Not frozen: one is built per proxied call, and a frozen dataclass costs 2-3x as much to
+    build in CPython 3.11 (see ``resgov.ledger.store``).
 
     ``input_tokens`` counts only input billed at the plain input rate; cache reads,
     cache writes and audio are separate so each gets its own price.

@@ -99,6 +99,8 @@ _DROP_DOWNSTREAM = frozenset(
         b"proxy-authenticate",
     }
 )
+#: Where providers put their request id (OpenAI, Anthropic).
+_REQUEST_ID_HEADERS = (b"x-request-id", b"request-id")
 #: Upstream bodies larger than this are not buffered (non-streaming answers are small).
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 #: A text-only body skips the walk for media parts; a JSON escape could hide a part's
@@ -448,7 +450,7 @@ class ProxyRoute:
                 agent_id=agent.agent_id,
             )
         cap = req.output_cap or limit or price.max_output_tokens or policy.global_.default_max_tokens
-        walk = req.media_root if any(h in raw for h in _MEDIA_HINTS) else None
+        walk = req.media_root if _media_hint(raw) else None
         inb = input_bound(req.raw_size, walk, req.message_count, bool(req.tools), price.context_window)
         output = (cap + req.extra_output_tokens) * req.n if req.has_output else 0
         amount = bound_cost(price, inb.tokens, output, req.web_searches or 0)
@@ -846,9 +848,25 @@ class ProxyRoute:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+def _media_hint(raw: bytes) -> bool:
+    """True when the body may hold a media part. ``find``, not ``in``: a bytes ``in`` first
+    tries its operand as an integer and formats the TypeError it gets, twice as slow here."""
+    return any(raw.find(hint) >= 0 for hint in _MEDIA_HINTS)
+
+
 def _upstream_id(resp: UpstreamResponse) -> str | None:
-    """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``)."""
-    return resp.headers.get("x-request-id") or resp.headers.get("request-id")
+    """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``).
+
+    Read from the raw pairs: a lookup by name would decode and index every header of a
+    response that is otherwise forwarded as received.
+    """
+    first: dict[bytes, bytes] = {}
+    for name, value in resp.headers.raw:
+        lname = name.lower()
+        if lname in _REQUEST_ID_HEADERS:
+            first.setdefault(lname, value)
+    found = first.get(b"x-request-id") or first.get(b"request-id")
+    return found.decode("latin-1") if found else None
 
 
 def _splice_cost(body: bytes, cost: dict[str, Any]) -> bytes:
