@@ -22,6 +22,12 @@ the upstream client, and the asyncio work between them. Each variant takes away 
 Variants run in fresh processes, alternating, ``--rounds`` times each; the figure is the
 median CPU time per call (the process's, all its threads). Differences between variants are
 what each part costs. Every call must answer 200, or the run fails.
+
+``--instructions`` counts instead of timing: each variant runs once under valgrind's
+callgrind, which counts the CPU instructions the process executes (all threads, user space;
+the kernel's share of a syscall is not counted) during ``--calls`` calls after a warm-up.
+The count does not depend on the machine's load, so two versions of the code compare to
+about 1 % in one run each, where CPU time needs many alternating runs on this VM.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import asyncio
 import gc
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,7 +162,35 @@ async def _client_call(sim_url: str) -> tuple[Callable[[], Awaitable[int]], Any]
     return call, client
 
 
-async def _child(variant: str, sim_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+async def _counted(call: Callable[[], Awaitable[int]], concurrency: int, count: int) -> tuple[float, float]:
+    """Exactly ``count`` calls from ``concurrency`` coroutines, with callgrind counting only them."""
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            if await call() != 200:
+                raise SystemExit("path_bench: a call failed under callgrind")
+
+    _callgrind("on")
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    _callgrind("off")
+    return cpu, wall
+
+
+def _callgrind(state: str) -> None:
+    # Blocking on purpose: nothing of the load may run while counting is switched.
+    subprocess.run(
+        ["callgrind_control", f"--instr={state}", str(os.getpid())], capture_output=True, check=True
+    )
+
+
+async def _child(
+    variant: str, sim_url: str, concurrency: int, seconds: float, count: int = 0
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="resgov-path-bench-") as tmp:
         if variant == "client":
             call, owner = await _client_call(sim_url)
@@ -179,7 +215,11 @@ async def _child(variant: str, sim_url: str, concurrency: int, seconds: float) -
         gc.collect()
         gc.freeze()  # as `resgov serve` does after start-up
         calls = failed = 0
-        cpu, wall = await load(seconds)
+        if count:
+            cpu, wall = await _counted(call, concurrency, count)
+            calls = count
+        else:
+            cpu, wall = await load(seconds)
         if variant == "client":
             await owner.close()
         else:
@@ -191,6 +231,33 @@ async def _child(variant: str, sim_url: str, concurrency: int, seconds: float) -
         "cpu_us": cpu / calls * 1e6,
         "rps": calls / wall,
     }
+
+
+def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_url: str) -> int:
+    """One callgrind run per variant: CPU instructions per call, and the raw output for callgrind_annotate."""
+    rows = []
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        out_file = bench.RESULTS / f"callgrind-path-{args.mode}-{variant}.out"
+        cmd = [*ctx.pin.prefix(ctx.pin.proxy_cpu), "valgrind", "--tool=callgrind", "--instr-atstart=no",
+               f"--callgrind-out-file={out_file}", sys.executable, __file__, "--child", variant,
+               "--sim-url", sim_url, "--mode", args.mode, "--concurrency", str(args.concurrency),
+               "--count", str(args.calls)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        collected = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or collected is None:
+            sys.stderr.write(out.stdout + out.stderr)
+            raise SystemExit(f"path_bench: variant {variant} failed under callgrind (exit {out.returncode})")
+        per_call = int(collected.group(1)) / args.calls
+        rows.append((variant, per_call))
+        bench.log(f"{variant:>10}: {per_call:,.0f} instructions per call ({out_file.name})")
+    print(f"\n{args.mode}, concurrency {args.concurrency}, {args.calls} calls per variant under callgrind\n")
+    print("| variant | instructions per call | vs full |\n|---|--:|--:|")
+    full = dict(rows).get("full")
+    for variant, per_call in rows:
+        ratio = f"{per_call / full:.2f}" if full else "-"
+        print(f"| {variant} | {per_call:,.0f} | {ratio} |")
+    return 0
 
 
 def main() -> int:
@@ -206,6 +273,15 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count CPU instructions per call under valgrind's callgrind (one run per variant)",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=1000, help="calls counted per variant with --instructions"
+    )
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--sim-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +290,7 @@ def main() -> int:
         import uvloop
 
         uvloop.install()
-        result = asyncio.run(_child(args.child, args.sim_url, args.concurrency, args.seconds))
+        result = asyncio.run(_child(args.child, args.sim_url, args.concurrency, args.seconds, args.count))
         print("PATH_BENCH " + json.dumps(result))
         return 0
     variants = [v for v in args.variants.split(",") if v]
@@ -224,10 +300,14 @@ def main() -> int:
     ns = argparse.Namespace(proxy_cpu=args.proxy_cpu, load_cpu=args.load_cpu, duration=args.seconds, warmup=1.0,
                             quiet_wait=0.0, retries=1, keep=False)  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    if args.instructions and not shutil.which("valgrind"):
+        raise SystemExit("path_bench: --instructions needs valgrind (bench/install.sh installs it)")
     with bench.bench_context(ns) as ctx:
         sim_port = bench.free_port()
         bench.start_simulator(ctx, sim_port, 16)
         sim_url = f"http://127.0.0.1:{sim_port}"
+        if args.instructions:
+            return _instructions(args, variants, ctx, sim_url)
         for rnd in range(args.rounds):
             for variant in variants:
                 cmd = [*ctx.pin.prefix(ctx.pin.proxy_cpu), sys.executable, __file__, "--child", variant,

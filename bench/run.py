@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -414,20 +415,29 @@ def start_simulator(ctx: Context, port: int, chunks: int) -> Proc:
     return proc
 
 
-def start_resgov(ctx: Context, sim_port: int, store_url: str | None = None) -> Gateway:
+def start_resgov(
+    ctx: Context,
+    sim_port: int,
+    store_url: str | None = None,
+    *,
+    name: str = "resgov",
+    wrap: Sequence[str] = (),
+    ready_timeout: float = 30.0,
+) -> Gateway:
+    """``resgov serve`` as deployed (``wrap``: a command it runs under, e.g. valgrind), with an API key."""
     policy = ctx.tmp / "bench.rgf"
     policy.write_text(
         POLICY.read_text().replace("http://127.0.0.1:9000/v1", f"http://127.0.0.1:{sim_port}/v1")
     )
     port = free_port()
     admin = "bench-" + secrets.token_hex(24)
-    db = ctx.tmp / "resgov-bench.db"
+    db = ctx.tmp / f"{name}-bench.db"
     env = {**os.environ, "RESGOV_STORE": store_url or f"sqlite:///{db}", "RESGOV_ADMIN_TOKEN": admin}
-    cmd = [sys.executable, "-m", "resgov.cli", "serve", "--config", str(policy), "--host", "127.0.0.1",
+    cmd = [*wrap, sys.executable, "-m", "resgov.cli", "serve", "--config", str(policy), "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = ctx.start("resgov", cmd, ctx.pin.proxy_cpu, env)
+    proc = ctx.start(name, cmd, ctx.pin.proxy_cpu, env)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(url + "/health"), proc, 30, "resgov")
+    wait_until(lambda: http_ok(url + "/health"), proc, ready_timeout, name)
     key = http_json("POST", url + "/api/v1/admin/generate-key", {"org_id": "bench", "name": "bench"},
                     {"X-Admin-Token": admin})["api_key"]  # fmt: skip
     return Gateway("ResGov", url, key, proc)
@@ -719,6 +729,41 @@ def profile_resgov(ctx: Context, gw: Gateway, concurrency: int, seconds: float) 
     return result
 
 
+def instructions_resgov(
+    ctx: Context, sim_port: int, store_url: str | None, mode: str, concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """CPU instructions per request of ``resgov serve`` (uvicorn included) under valgrind's callgrind.
+
+    A separate run: ResGov starts under callgrind with counting off, wrk warms it up, then
+    counting is on for ``seconds`` of wrk load and the count is divided by the requests wrk
+    completed (the few in flight when wrk stops are counted but not completed: about c/requests
+    too high). Unlike req/s and CPU time, the count does not move with the machine's load.
+    """
+    if shutil.which("valgrind") is None:
+        log("valgrind not installed (bench/install.sh installs it); skipping the instruction count")
+        return {}
+    out_file = RESULTS / f"callgrind-serve-{mode}-c{concurrency}.out"
+    wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
+    gw = start_resgov(ctx, sim_port, store_url, name="resgov-callgrind", wrap=wrap, ready_timeout=600)
+    assert gw.proc is not None
+    run_wrk(gw.url, mode, concurrency, 3, gw.key, ctx.pin, gw.name)  # under callgrind: ~50x slower
+    control = ["callgrind_control", str(gw.proc.pid)]
+    subprocess.run([control[0], "--instr=on", control[1]], capture_output=True, check=True, timeout=60)
+    m = run_wrk(gw.url, mode, concurrency, seconds, gw.key, ctx.pin, gw.name)
+    subprocess.run([control[0], "--instr=off", control[1]], capture_output=True, check=True, timeout=60)
+    gw.proc.stop(grace=300)
+    found = re.search(r"Collected : (\d+)", gw.proc.log_path.read_text(errors="replace"))
+    if found is None or m.requests == 0:
+        log(f"callgrind gave no count:\n{gw.proc.tail()}")
+        return {}
+    per_request = int(found.group(1)) / m.requests
+    log(
+        f"ResGov under callgrind, {mode} c={concurrency}: {m.requests} requests, {per_request:,.0f} instructions each"
+    )
+    return {"mode": mode, "concurrency": concurrency, "requests": m.requests, "errors": m.errors,
+            "instructions_per_request": per_request, "callgrind_out": str(out_file)}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -778,6 +823,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also py-spy ResGov under c=32 non-stream load"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count CPU instructions per request of ResGov under callgrind (c=32, each mode)",
+    )
     parser.add_argument("--with-litellm", action="store_true", help="also LiteLLM's proxy (own venv)")
     parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
                         help="ResGov's ledger: the SQLite default, or a redis-server the benchmark starts "
@@ -834,6 +884,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ledger_check_redis(store_url) if store_url else ledger_check(ctx.tmp / "resgov-bench.db")
         )
         extra["store"] = args.store
+        if args.instructions:
+            log("counting ResGov's instructions per request under callgrind (slow: about 2 min per mode)")
+            counts = [instructions_resgov(ctx, sim_port, store_url, mode, 32, 30.0) for mode in modes]
+            extra["instructions"] = [c for c in counts if c]
         if args.ladder:
             ladder_concs = [c for c in concs if c in (1, 32)] or concs[:1]
             from ladder_app import VARIANTS
@@ -904,6 +958,22 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         ]
     if extra.get("resgov_vmhwm_mb") is not None:
         md += [f"ResGov VmHWM (peak RSS over its whole life): {extra['resgov_vmhwm_mb']:.0f} MB.", ""]
+    if extra.get("instructions"):
+        md += [
+            "## CPU instructions per request (callgrind)",
+            "",
+            "ResGov under valgrind's callgrind, counting user-space instructions of all its threads during "
+            "30 s of wrk load (a separate run; about c/requests high: requests in flight at the end are "
+            "counted but not completed). The count does not move with the machine's load.",
+            "",
+            "| mode | concurrency | requests | instructions per request |",
+            "|---|--:|--:|--:|",
+            *(
+                f"| {c['mode']} | {c['concurrency']} | {c['requests']:,} | {c['instructions_per_request']:,.0f} |"
+                for c in extra["instructions"]
+            ),
+            "",
+        ]
     if ladder_rows:
         md += [
             "## Layer ladder (non-stream)",

@@ -125,8 +125,8 @@ class GlobalPolicy:
     forecast_alert_horizon_seconds: float = 3600.0
 
 
-def _window_floor(lines: tuple[BudgetLine, ...]) -> float:
-    """The latest window start among cached lines: a clock set back before it invalidates them."""
+def _window_floor(lines: list[BudgetLine]) -> float:
+    """The latest window start among the lines: a clock set back before it invalidates them."""
     return float(max((line.window_start for line in lines if line.resets_at is not None), default=0))
 
 
@@ -142,9 +142,9 @@ class Policy:
     source: str = "<defaults>"
     #: ``[[webhooks]]`` as validated by the loader (``resgov.alerts.WebhookSection``; core imports no alerts code).
     webhooks: tuple[Any, ...] = ()
-    #: (org, agent) -> (valid until, lines): windows only change at a reset, and computing
-    #: them (zoneinfo arithmetic) is a measurable share of the hot path.
-    _lines_cache: dict[tuple[str, str], tuple[float, tuple[BudgetLine, ...]]] = field(
+    #: (org, agent) -> (valid from, valid until, lines): windows only change at a reset, and
+    #: computing them (zoneinfo arithmetic) is a measurable share of the hot path.
+    _lines_cache: dict[tuple[str, str], tuple[float, float, tuple[BudgetLine, ...]]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -170,14 +170,15 @@ class Policy:
         key = (agent.org, agent.agent_id)
         stamp = now.timestamp()
         cached = self._lines_cache.get(key)
-        if cached is not None and stamp < cached[0] and stamp >= _window_floor(cached[1]):
-            return list(cached[1])
+        if cached is not None and cached[0] <= stamp < cached[1]:
+            return list(cached[2])
         org = self.orgs.get(agent.org)
         lines = lines_for(agent.org, agent.agent_id, agent.budgets, org.budgets if org else {}, now, self.tz)
         resets = [line.resets_at for line in lines if line.resets_at is not None]
         if len(self._lines_cache) > 100_000:
             self._lines_cache.clear()
-        self._lines_cache[key] = (float(min(resets)) if resets else float("inf"), tuple(lines))
+        until = float(min(resets)) if resets else float("inf")
+        self._lines_cache[key] = (_window_floor(lines), until, tuple(lines))
         return lines
 
     def route(self, model: str) -> tuple[ProviderPolicy, str]:
