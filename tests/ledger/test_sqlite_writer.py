@@ -222,3 +222,20 @@ async def test_a_batch_is_answered_before_the_checkpoint_it_made_due(
     assert (await asyncio.wait_for(later, 5)).ok
     conn.set_trace_callback(None)
     assert file_lines(store.path)[LINES[0].key] == (0, 40)
+
+
+def test_none_and_bool_parameters_bind_as_before() -> None:
+    """The writer registers adapters for None and bool (a speed-up): NULL and 0/1, as without them."""
+    import resgov.ledger.sqlite_writer  # noqa: F401  (registers the adapters)
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a, b, c)")
+    conn.execute("INSERT INTO t VALUES (?, ?, ?)", (None, True, False))
+    assert conn.execute("SELECT a, b, c, typeof(a), typeof(b) FROM t").fetchone() == (
+        None,
+        1,
+        0,
+        "null",
+        "integer",
+    )
+    assert conn.execute("SELECT count(*) FROM t WHERE a IS NULL AND b = ?", (True,)).fetchone() == (1,)
