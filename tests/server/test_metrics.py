@@ -341,3 +341,32 @@ def test_loop_histogram_exposes_what_prometheus_client_would(observations: list[
         return [x for x in text.splitlines() if "_created" not in x]
 
     assert lines(ours_registry) == lines(theirs_registry)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["finalized", "released", "expired"]), st.integers(min_value=0, max_value=5)
+        ),
+        max_size=40,
+    )
+)
+def test_loop_counter_exposes_what_prometheus_client_would(increments: list[tuple[str, int]]) -> None:
+    # The same increments through prometheus_client's Counter and through LoopCounter: the same
+    # exposition, and a _created series for every label set (its timestamp aside).
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = metrics_module.LoopCounter("c_total", "help", ["outcome"])
+    ours_registry.register(ours)
+    theirs = Counter("c_total", "help", ["outcome"], registry=theirs_registry)
+    for outcome, amount in increments:
+        ours.inc((outcome,), amount)
+        theirs.labels(outcome).inc(amount)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [x.rsplit(" ", 1)[0] if "_created" in x else x for x in text.splitlines()]
+
+    assert lines(ours_registry) == lines(theirs_registry)

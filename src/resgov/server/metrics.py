@@ -203,6 +203,41 @@ class LoopHistogram:
         return [family]
 
 
+class LoopCounter:
+    """A labelled Prometheus counter incremented from the event loop thread only.
+
+    The hot-path twin of :class:`LoopHistogram`: ``prometheus_client``'s ``Counter.inc`` runs
+    two checks and takes a lock, and a proxied call counts twice (the request, the
+    reservation). Here an increment is one dict lookup and one addition; the exposition is the
+    client library's, ``*_created`` series included (the time a label set was first counted).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        #: Per label-value tuple: [value, created (Unix seconds)].
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the series named by ``labels``."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0, time.time()]
+        series[0] += amount
+
+    def describe(self) -> Iterable[Metric]:
+        """Name only."""
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        """Every series."""
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (value, created) in list(self._series.items()):
+            family.add_metric(list(labels), value, created=created)
+        return [family]
+
+
 class _BudgetCollector:
     """Yields the budget gauges from the snapshot the last scrape read from the store."""
 
@@ -291,11 +326,10 @@ class Metrics:
         r = self.registry
         self._model = _Capped(max_label_values)
         self._resource = _Capped(max_label_values)
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "resgov_requests_total",
             "Proxied requests by route, model, provider and outcome.",
             ["route", "model", "provider", "outcome"],
-            registry=r,
         )
         self.bookings = Counter(
             "resgov_bookings_total",
@@ -309,11 +343,10 @@ class Metrics:
             ["org", "agent", "reason"],
             registry=r,
         )
-        self.reservations = Counter(
+        self.reservations = LoopCounter(
             "resgov_reservations_total",
             "Reservations by outcome: finalized, overage, estimated, released, expired.",
             ["outcome"],
-            registry=r,
         )
         self.overhead = LoopHistogram(
             "resgov_proxy_overhead_seconds",
@@ -330,8 +363,8 @@ class Metrics:
         self.store_latency = LoopHistogram(
             "resgov_store_latency_seconds", "Ledger round trips by operation.", ["op"], STORE_BUCKETS
         )
-        for histogram in (self.overhead, self.upstream, self.store_latency):
-            r.register(histogram)
+        for collector in (self.requests, self.reservations, self.overhead, self.upstream, self.store_latency):
+            r.register(collector)
         self.store_errors = Counter(
             "resgov_store_errors_total",
             "Ledger operations that failed (store unreachable).",
@@ -361,9 +394,6 @@ class Metrics:
         self._budgets = _BudgetCollector()
         r.register(self._spend)
         r.register(self._budgets)
-        # Label children cached by value tuple: .labels() validates and locks on every call.
-        self._req_children: dict[tuple[str, str, str, str], Any] = {}
-        self._res_children: dict[str, Any] = {}
         self._render_lock = asyncio.Lock()
 
     # -- hot-path hooks (O(1)) -------------------------------------------------------------------
@@ -378,11 +408,7 @@ class Metrics:
         upstream_s: float | None = None,
     ) -> None:
         """One proxied request ended: count it; record ResGov's overhead and the upstream's latency."""
-        key = (route, self._model(model), provider, outcome)
-        child = self._req_children.get(key)
-        if child is None:
-            child = self._req_children[key] = self.requests.labels(*key)
-        child.inc()
+        self.requests.inc((route, self._model(model), provider, outcome))
         self.overhead.observe((route,), overhead_s)
         if upstream_s is not None:
             self.upstream.observe((provider,), upstream_s)
@@ -391,10 +417,7 @@ class Metrics:
         self, org: str, agent: str, model: str, outcome: ReservationOutcome | str, charged_nano: int
     ) -> None:
         """A reservation settled: its outcome, and the money charged (nano-units) to spend."""
-        child = self._res_children.get(outcome)
-        if child is None:
-            child = self._res_children[outcome] = self.reservations.labels(outcome)
-        child.inc()
+        self.reservations.inc((outcome,))
         if charged_nano:
             key = (org, agent, self._model(model))
             self._spend.nano[key] = self._spend.nano.get(key, 0) + charged_nano
@@ -402,7 +425,7 @@ class Metrics:
     def observe_expired(self, count: int) -> None:
         """The sweeper settled ``count`` expired reservations."""
         if count > 0:
-            self.reservations.labels("expired").inc(count)
+            self.reservations.inc(("expired",), count)
 
     def observe_store(self, op: str, seconds: float, ok: bool = True) -> None:
         """One ledger round trip."""
