@@ -831,6 +831,17 @@ async def test_headers_multi_values_and_case() -> None:
         assert (b"X-Request-ID", b"r1") in h.raw
 
 
+def test_headers_get_answers_alike_before_and_after_the_index() -> None:
+    # get() scans the raw pairs until something builds the index (a [] or an `in`), then uses it.
+    h = Headers([(b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"X-Request-ID", b"r1"), (b"X-E", b"")])
+    names = ["SET-COOKIE", "x-request-id", "x-e", "missing", "caf\u00e9", "\u2603"]
+    expected = ["a=1", "r1", "", None, None, None]
+    assert [h.get(n) for n in names] == expected
+    assert h.get("missing", "d") == "d" and h.get("\u2603", "d") == "d"
+    assert "x-e" in h  # builds the index
+    assert [h.get(n) for n in names] == expected
+
+
 def test_headers_empty() -> None:
     h = Headers([])
     assert h.get("a") is None and h.items() == [] and len(h) == 0 and "a" not in h

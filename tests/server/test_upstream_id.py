@@ -1,4 +1,4 @@
-"""The provider's request id, read from the response's raw header pairs."""
+"""The provider's request id: OpenAI's header first, Anthropic's otherwise, any case."""
 
 from __future__ import annotations
 

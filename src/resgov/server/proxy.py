@@ -31,7 +31,7 @@ from resgov.core.errors import (
 from resgov.core.money import format_money, to_units, units_text
 from resgov.core.policy import AgentPolicy, OrgPolicy, Policy, ProviderPolicy
 from resgov.core.pricing import ModelPrice, Usage, affordable_output_tokens, bound_cost, usage_cost
-from resgov.guard import CallContext, GuardRefusal, Ticket
+from resgov.guard import CallContext, GuardRefusal, Ticket, wanted
 from resgov.ledger.journal import JournalCall, JournalError
 from resgov.ledger.store import (
     AuditEntry,
@@ -99,8 +99,6 @@ _DROP_DOWNSTREAM = frozenset(
         b"proxy-authenticate",
     }
 )
-#: Where providers put their request id (OpenAI, Anthropic).
-_REQUEST_ID_HEADERS = (b"x-request-id", b"request-id")
 #: Upstream bodies larger than this are not buffered (non-streaming answers are small).
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 #: A text-only body skips the walk for media parts; a JSON escape could hide a part's
@@ -317,7 +315,7 @@ class ProxyRoute:
             rid = request_id
             org_policy = policy.orgs.get(org)
             # The hot path stays free of guard work unless the agent or its org sets a guard.
-            if agent.limits.any or (org_policy is not None and org_policy.limits.any):
+            if wanted(agent, org_policy):
                 ticket = await rt.guard.admit(self._guard_context(plan, rid, org_policy, headers))
             audit = AuditEntry(
                 request_id=rid,
@@ -850,23 +848,14 @@ class ProxyRoute:
 
 def _media_hint(raw: bytes) -> bool:
     """True when the body may hold a media part. ``find``, not ``in``: a bytes ``in`` first
-    tries its operand as an integer and formats the TypeError it gets, twice as slow here."""
+    tries its operand as an integer and formats the TypeError it gets (1.55 against 1.20 µs
+    for the five probes of a benchmark body)."""
     return any(raw.find(hint) >= 0 for hint in _MEDIA_HINTS)
 
 
 def _upstream_id(resp: UpstreamResponse) -> str | None:
-    """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``).
-
-    Read from the raw pairs: a lookup by name would decode and index every header of a
-    response that is otherwise forwarded as received.
-    """
-    first: dict[bytes, bytes] = {}
-    for name, value in resp.headers.raw:
-        lname = name.lower()
-        if lname in _REQUEST_ID_HEADERS:
-            first.setdefault(lname, value)
-    found = first.get(b"x-request-id") or first.get(b"request-id")
-    return found.decode("latin-1") if found else None
+    """The provider's request id header (OpenAI ``x-request-id``, Anthropic ``request-id``)."""
+    return resp.headers.get("x-request-id") or resp.headers.get("request-id")
 
 
 def _splice_cost(body: bytes, cost: dict[str, Any]) -> bytes:
