@@ -37,7 +37,6 @@ import asyncio
 import gc
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -173,19 +172,13 @@ async def _counted(call: Callable[[], Awaitable[int]], concurrency: int, count: 
             if await call() != 200:
                 raise SystemExit("path_bench: a call failed under callgrind")
 
-    _callgrind("on")
+    # Blocking on purpose: nothing of the load may run while counting is switched.
+    bench.callgrind_switch(os.getpid(), True)
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    _callgrind("off")
+    bench.callgrind_switch(os.getpid(), False)
     return cpu, wall
-
-
-def _callgrind(state: str) -> None:
-    # Blocking on purpose: nothing of the load may run while counting is switched.
-    subprocess.run(
-        ["callgrind_control", f"--instr={state}", str(os.getpid())], capture_output=True, check=True
-    )
 
 
 async def _child(
@@ -239,16 +232,15 @@ def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_u
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         out_file = bench.RESULTS / f"callgrind-path-{args.mode}-{variant}.out"
-        cmd = [*ctx.pin.prefix(ctx.pin.proxy_cpu), "valgrind", "--tool=callgrind", "--instr-atstart=no",
-               f"--callgrind-out-file={out_file}", sys.executable, __file__, "--child", variant,
-               "--sim-url", sim_url, "--mode", args.mode, "--concurrency", str(args.concurrency),
+        cmd = [*ctx.pin.prefix(ctx.pin.proxy_cpu), *bench.callgrind_command(out_file), sys.executable, __file__,
+               "--child", variant, "--sim-url", sim_url, "--mode", args.mode, "--concurrency", str(args.concurrency),
                "--count", str(args.calls)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        collected = re.search(r"Collected : (\d+)", out.stderr)
-        if out.returncode != 0 or collected is None:
+        total = bench.callgrind_count(out.stderr)
+        if out.returncode != 0 or total is None:
             sys.stderr.write(out.stdout + out.stderr)
             raise SystemExit(f"path_bench: variant {variant} failed under callgrind (exit {out.returncode})")
-        per_call = int(collected.group(1)) / args.calls
+        per_call = total / args.calls
         rows.append((variant, per_call))
         bench.log(f"{variant:>10}: {per_call:,.0f} instructions per call ({out_file.name})")
     print(f"\n{args.mode}, concurrency {args.concurrency}, {args.calls} calls per variant under callgrind\n")

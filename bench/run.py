@@ -729,6 +729,25 @@ def profile_resgov(ctx: Context, gw: Gateway, concurrency: int, seconds: float) 
     return result
 
 
+def callgrind_command(out_file: Path) -> list[str]:
+    """The prefix that runs a command under callgrind with counting off until switched on."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
+
+
+def callgrind_switch(pid: int, on: bool) -> None:
+    """Switch counting on or off in a process running under callgrind (blocks until done)."""
+    state = "on" if on else "off"
+    subprocess.run(
+        ["callgrind_control", f"--instr={state}", str(pid)], capture_output=True, check=True, timeout=60
+    )
+
+
+def callgrind_count(log_text: str) -> int | None:
+    """The instructions callgrind counted, from its summary on stderr (None if it printed none)."""
+    found = re.search(r"Collected : (\d+)", log_text)
+    return int(found.group(1)) if found else None
+
+
 def instructions_resgov(
     ctx: Context, sim_port: int, store_url: str | None, mode: str, concurrency: int, seconds: float
 ) -> dict[str, Any]:
@@ -743,20 +762,20 @@ def instructions_resgov(
         log("valgrind not installed (bench/install.sh installs it); skipping the instruction count")
         return {}
     out_file = RESULTS / f"callgrind-serve-{mode}-c{concurrency}.out"
-    wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
-    gw = start_resgov(ctx, sim_port, store_url, name="resgov-callgrind", wrap=wrap, ready_timeout=600)
+    gw = start_resgov(
+        ctx, sim_port, store_url, name="resgov-callgrind", wrap=callgrind_command(out_file), ready_timeout=600
+    )
     assert gw.proc is not None
     run_wrk(gw.url, mode, concurrency, 3, gw.key, ctx.pin, gw.name)  # under callgrind: ~50x slower
-    control = ["callgrind_control", str(gw.proc.pid)]
-    subprocess.run([control[0], "--instr=on", control[1]], capture_output=True, check=True, timeout=60)
+    callgrind_switch(gw.proc.pid, True)
     m = run_wrk(gw.url, mode, concurrency, seconds, gw.key, ctx.pin, gw.name)
-    subprocess.run([control[0], "--instr=off", control[1]], capture_output=True, check=True, timeout=60)
+    callgrind_switch(gw.proc.pid, False)
     gw.proc.stop(grace=300)
-    found = re.search(r"Collected : (\d+)", gw.proc.log_path.read_text(errors="replace"))
-    if found is None or m.requests == 0:
+    total = callgrind_count(gw.proc.log_path.read_text(errors="replace"))
+    if total is None or m.requests == 0:
         log(f"callgrind gave no count:\n{gw.proc.tail()}")
         return {}
-    per_request = int(found.group(1)) / m.requests
+    per_request = total / m.requests
     log(
         f"ResGov under callgrind, {mode} c={concurrency}: {m.requests} requests, {per_request:,.0f} instructions each"
     )
