@@ -11,21 +11,26 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from resgov.config.redis_url import DEFAULT_PREFIX
-from resgov.core.budget import BudgetLine, LineState
+from resgov.core.budget import BudgetLine, LineState, SettleKind, first_misfit
+from resgov.core.budget import settle as settle_math
 from resgov.ledger import store_from_url
 from resgov.ledger.redis import RedisStore, persistence_warning, split_url
 from resgov.ledger.store import (
     ApiKeyRecord,
     AuditEntry,
     AuditQuery,
+    ReserveOutcome,
     ReserveRequest,
     SettleRequest,
     StoreError,
 )
+from tests.ledger.conftest import REDIS_URL, delete_prefix, new_prefix, require_redis
 
 pytestmark = pytest.mark.redis
 ORG = "acme"
@@ -304,6 +309,90 @@ async def test_settle_writes_exact_signed_line_states(
     assert await store.line_states(ORG, [lines[0].key]) == {lines[0].key: want}
     raw = await client.hmget(first, "spent", "reserved")
     assert list(raw) == [str(want.spent), str(want.reserved)]
+
+
+def _around(*points: int) -> st.SearchStrategy[int]:
+    return st.sampled_from(points).flatmap(lambda p: st.integers(p - 2, p + 2))
+
+
+# Values on both sides of where the scripts switch between plain Lua numbers and exact
+# (high, low) pairs: 15 characters (10^15, or -10^14 with its sign), 2^53, 17 digits.
+_SIGNED = st.one_of(
+    st.integers(-1000, 1000),
+    _around(10**14, -(10**14), 10**15, -(10**15), 2**53, -(2**53), 10**16, 10**17),
+    st.integers(-(2**61), 2**61),
+)
+_AMOUNT = st.one_of(st.integers(0, 1000), _around(10**15, 2**53, 10**16), st.integers(0, 2**61))
+_LIMIT = st.one_of(_SIGNED, _around(2**62, 2**63 - 3))
+_KINDS: list[SettleKind] = ["actual", "estimated", "release", "expire_charge", "expire_release"]
+
+
+# A limit is either any value ("at") or the reservation's need plus a small delta ("edge").
+_LIMIT_SPEC = st.one_of(st.tuples(st.just("at"), _LIMIT), st.tuples(st.just("edge"), st.integers(-2, 2)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    states=st.lists(st.tuples(_SIGNED, _SIGNED), min_size=2, max_size=2),
+    limit_specs=st.lists(_LIMIT_SPEC, min_size=2, max_size=2),
+    amount=_AMOUNT,
+    kind=st.sampled_from(_KINDS),
+    actual=_AMOUNT,
+)
+# Short values (plain numbers) against a 16-digit limit, one unit over it.
+@example([(10**15 - 1, 1), (0, 0)], [("edge", -1), ("at", 10)], 1, "actual", 1)
+# A line moved below zero while in flight: the states reported must keep the sign.
+@example([(-5, -(10**16)), (0, 0)], [("at", 10**18), ("at", 10)], 3, "release", 0)
+def test_scripts_do_the_budget_math_exactly(
+    states: list[tuple[int, int]],
+    limit_specs: list[tuple[str, int]],
+    amount: int,
+    kind: SettleKind,
+    actual: int,
+) -> None:
+    # Whatever the size of the numbers (the scripts take a plain-number path below 15
+    # characters and exact pairs above), reserve and settle must give core.budget's answers
+    # and leave the lines exactly where HINCRBY on the true values would.
+    limits = [
+        value if how == "at" else spent + reserved + amount + value
+        for (how, value), (spent, reserved) in zip(limit_specs, states, strict=True)
+    ]
+    require_redis()
+    prefix = new_prefix()
+
+    async def check() -> None:
+        store = RedisStore(REDIS_URL, prefix=prefix)
+        await store.open()
+        try:
+            client = await raw_client(store)
+            lines = [line(limit=limits[0]), line(limit=limits[1], agent=None)]
+            before = {}
+            for budget, (spent, reserved) in zip(lines, states, strict=True):
+                await client.hset(
+                    store._line(ORG, budget.key), mapping={"spent": spent, "reserved": reserved}
+                )
+                before[budget.key] = LineState(spent, reserved)
+            outcome: ReserveOutcome = await store.reserve(request("r1", amount, lines))
+            misfit = first_misfit(lines, before, amount)
+            assert outcome.ok == (misfit is None)
+            if misfit is not None:
+                assert outcome.refused == misfit and outcome.states == before
+                return
+            reserved = {k: LineState(v.spent, v.reserved + amount) for k, v in before.items()}
+            assert outcome.states == reserved
+            out = await store.settle(SettleRequest("r1", kind, actual, "completed"))
+            want = settle_math(amount, kind, actual)
+            assert (out.charged, out.refund, out.overage, out.reserved) == (
+                want.charged, want.refund, want.overage, amount,
+            )  # fmt: skip
+            after = {k: LineState(v.spent + want.charged, v.reserved) for k, v in before.items()}
+            assert out.states == after
+            assert await store.line_states(ORG, list(after)) == after
+        finally:
+            await store.close()
+            await delete_prefix(prefix)
+
+    asyncio.run(check())
 
 
 async def test_settle_without_the_index_leaves_it_to_the_sweeper(redis_stores: Factory) -> None:
