@@ -2,9 +2,9 @@
 
 Why not redis-py here: its pipeline packs every argument through an encoder object and reads
 every reply through a per-reply coroutine with its own timeout, about 17 µs of CPU per
-ledger script call on this machine, against 3.4 µs for the same command packed and
-parsed by ``hiredis`` (``bench/README.md`` has the measurement). A reserve+settle pair is four
-commands, so that difference is most of the store's client-side cost.
+ledger script call on this machine, against 3.4 µs for the same command packed in Python and
+parsed by ``hiredis`` (``bench/README.md`` has the measurements); ``hiredis`` now packs too. A
+reserve+settle pair is four commands, so that difference is most of the store's client-side cost.
 
 What it does, and no more: one connection; each batch of commands goes out in one write and
 its replies are matched in order (several batches may be in flight on the connection: RESP
