@@ -145,6 +145,17 @@ async def test_amounts_are_exact_across_the_int64_range(store: Store) -> None:
     assert (await states(store, lines))[lines[0].key] == LineState(big + 3, 5)
 
 
+async def test_limits_beyond_int64_are_budgets_like_any_other(store: Store) -> None:
+    # A .rgf budget may be far above what a line can hold ($20 billion is 2e19 nano-units, past
+    # int64): it must admit calls like any other budget, not fail every call.
+    lines = [agent_line(limit=2 * 10**19), org_line(limit=10**27)]
+    out = await reserve(store, "r1", 2**62, lines)
+    assert out.ok and out.states[lines[0].key] == LineState(0, 2**62)
+    settled = await finish(store, "r1", "actual", 7)
+    assert settled.settled and settled.charged == 7
+    assert (await states(store, lines))[lines[1].key] == LineState(7, 0)
+
+
 async def test_reservation_without_lines(store: Store) -> None:
     out = await reserve(store, "r1", 10, [])
     assert out.ok and out.states == {}

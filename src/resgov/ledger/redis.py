@@ -193,6 +193,13 @@ def _int64(value: int, what: str, *, signed: bool = False) -> str:
     return str(value)
 
 
+def _held(limit: int) -> int:
+    """A limit as the scripts compare it: a budget beyond what a line can hold (int64, ~$9.2
+    billion) is the largest one. Only a line already past int64 - amount could tell the two apart,
+    and it is refused (the safe side) where the true limit would admit it."""
+    return max(-_INT64_MAX, min(limit, _INT64_MAX))
+
+
 def _audit_json(entry: AuditEntry) -> str:
     """The record as written when the request starts: one opaque JSON value (one script argument)."""
     return orjson.dumps(entry.public()).decode()
@@ -576,7 +583,7 @@ class RedisStore:
     async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
         """All lines or none, in one script; the settle index is written just before it."""
         amount = _int64(request.amount, "amount")
-        limits = [_int64(line.limit, "limit", signed=True) for line in request.lines]
+        limits = [_int64(_held(line.limit), "limit", signed=True) for line in request.lines]
         org, rid = request.org, request.reservation_id
         short = [line.key for line in request.lines]
         joined = _SEP.join(short)
