@@ -102,6 +102,20 @@ local function plus(x, y)
   return str(add(big(x), big(y)))
 end
 
+-- x - y as a decimal string.
+local function minus(x, y)
+  local a, b = num(x), num(y)
+  if a and b then return fmt(a - b) end
+  return str(sub(big(x), big(y)))
+end
+
+-- x < y?
+local function less(x, y)
+  local a, b = num(x), num(y)
+  if a and b then return a < b end
+  return cmp(big(x), big(y)) < 0
+end
+
 local function now()
   local t = redis.call('TIME')
   local s, us = tonumber(t[1]), tonumber(t[2])
@@ -207,37 +221,19 @@ if ARGV[4] == '1' then
   if score and tonumber(score) >= now_ms then return {3} end
 end
 
--- settle(), exactly.
-local charged_s, refund_s, overage_s
-local r, a = num(res[1]), num(ARGV[3])
-if r and a then
-  local charged = 0
-  if kind == 'actual' then
-    charged = a
-  elseif kind == 'estimated' then
-    charged = math.min(a, r)
-  elseif kind == 'expire_charge' then
-    charged = r
-  end
-  local overage = math.max(0, charged - r)
-  charged_s, refund_s, overage_s = fmt(charged), fmt(r - charged + overage), fmt(overage)
-else
-  local reserved = big(res[1])
-  local amount = big(ARGV[3])
-  local charged
-  if kind == 'actual' then
-    charged = amount
-  elseif kind == 'estimated' then
-    if cmp(amount, reserved) < 0 then charged = amount else charged = reserved end
-  elseif kind == 'expire_charge' then
-    charged = reserved
-  else
-    charged = {0, 0}
-  end
-  local overage = {0, 0}
-  if cmp(charged, reserved) > 0 then overage = sub(charged, reserved) end
-  charged_s, refund_s, overage_s = str(charged), str(add(sub(reserved, charged), overage)), str(overage)
+-- settle(), exactly. Amounts are canonical decimal strings (no sign, no leading zeros).
+local reserved_s, amount_s = res[1], ARGV[3]
+local charged_s = '0'
+if kind == 'actual' then
+  charged_s = amount_s
+elseif kind == 'estimated' then
+  if less(amount_s, reserved_s) then charged_s = amount_s else charged_s = reserved_s end
+elseif kind == 'expire_charge' then
+  charged_s = reserved_s
 end
+-- refund = reserved - charged + overage: the rest when under the reservation, 0 when over it.
+local overage_s, refund_s = '0', minus(reserved_s, charged_s)
+if less(reserved_s, charged_s) then overage_s, refund_s = minus(charged_s, reserved_s), '0' end
 
 -- Writes. HINCRBY rejects "-0", so zero amounts skip the call. The line states returned are
 -- HINCRBY's answers where it ran and they are exact as Lua numbers (below 10^15), else re-read.
