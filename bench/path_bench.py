@@ -28,6 +28,10 @@ callgrind, which counts the CPU instructions the process executes (all threads, 
 the kernel's share of a syscall is not counted) during ``--calls`` calls after a warm-up.
 The count does not depend on the machine's load, so two versions of the code compare to
 about 1 % in one run each, where CPU time needs many alternating runs on this VM.
+
+``--src DIR`` runs another copy of ResGov's source instead of the installed one (put first on
+``PYTHONPATH``), e.g. the mypyc-compiled copy ``compile_hot_path.py`` builds; the run fails if
+``resgov.server.proxy`` does not load from there (as a compiled module, when the copy has one).
 """
 
 from __future__ import annotations
@@ -92,14 +96,25 @@ async def _app_call(variant: str, sim_url: str, tmp: Path) -> tuple[Callable[[],
         rt.store = rt.store.inner  # type: ignore[attr-defined]
     if variant == "no-ledger":
 
-        async def reserve(req: ReserveRequest) -> ReserveOutcome:
-            return ReserveOutcome(ok=True, states={line.key: LineState(0, req.amount) for line in req.lines})
+        class FreeLedger:
+            """The store with reserve and settle answering at once (a wrapper: a compiled
+            store's methods cannot be replaced on the instance)."""
 
-        async def settle(req: SettleRequest) -> SettleOutcome:
-            return SettleOutcome(settled=True, charged=req.amount, reserved=req.amount)
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
 
-        rt.store.reserve = reserve  # type: ignore[method-assign]
-        rt.store.settle = settle  # type: ignore[method-assign]
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(self.inner, attr)
+
+            async def reserve(self, req: ReserveRequest) -> ReserveOutcome:
+                return ReserveOutcome(
+                    ok=True, states={line.key: LineState(0, req.amount) for line in req.lines}
+                )
+
+            async def settle(self, req: SettleRequest) -> SettleOutcome:
+                return SettleOutcome(settled=True, charged=req.amount, reserved=req.amount)
+
+        rt.store = FreeLedger(rt.store)
     body = BODIES[os.environ["PATH_BENCH_MODE"]]
     headers = [
         (b"host", b"bench"),
@@ -252,6 +267,19 @@ def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_u
     return 0
 
 
+def _check_src() -> None:
+    """With ``--src``, the proxied route must come from that copy, compiled if it was built so."""
+    wanted = os.environ.get("PATH_BENCH_SRC")
+    if not wanted:
+        return
+    import resgov.server.proxy as proxy
+
+    loaded = Path(proxy.__file__ or "")
+    compiled = any(Path(wanted, "resgov", "server").glob("proxy.cpython-*.so"))
+    if not loaded.is_relative_to(wanted) or (compiled and loaded.suffix != ".so"):
+        raise SystemExit(f"path_bench: resgov.server.proxy loaded from {loaded}, not from --src {wanted}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,12 +301,20 @@ def main() -> int:
     parser.add_argument(
         "--calls", type=int, default=1000, help="calls counted per variant with --instructions"
     )
+    parser.add_argument("--src", type=Path, help="run this copy of ResGov's src/ (see compile_hot_path.py)")
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--sim-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["PATH_BENCH_MODE"] = args.mode
+    if args.src is not None:
+        src = args.src.resolve()
+        os.environ["PATH_BENCH_SRC"] = str(src)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+        if not args.child:
+            bench.log(f"ResGov from {src}")
     if args.child:
+        _check_src()
         import uvloop
 
         uvloop.install()
