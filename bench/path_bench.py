@@ -29,8 +29,8 @@ the kernel's share of a syscall is not counted) during ``--calls`` calls after a
 The count does not depend on the machine's load, so two versions of the code compare to
 about 1 % in one run each, where CPU time needs many alternating runs on this VM.
 
-``--src DIR`` runs another copy of ResGov's source instead of the installed one (put first on
-``PYTHONPATH``), e.g. the mypyc-compiled copy ``compile_hot_path.py`` builds; the run fails if
+``--src DIR`` (here and in ``run.py``) runs another copy of ResGov's source instead of the
+installed one, e.g. the mypyc-compiled copy ``compile_hot_path.py`` builds; the run stops if
 ``resgov.server.proxy`` does not load from there (as a compiled module, when the copy has one).
 """
 
@@ -267,19 +267,6 @@ def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_u
     return 0
 
 
-def _check_src() -> None:
-    """With ``--src``, the proxied route must come from that copy, compiled if it was built so."""
-    wanted = os.environ.get("PATH_BENCH_SRC")
-    if not wanted:
-        return
-    import resgov.server.proxy as proxy
-
-    loaded = Path(proxy.__file__ or "")
-    compiled = any(Path(wanted, "resgov", "server").glob("proxy.cpython-*.so"))
-    if not loaded.is_relative_to(wanted) or (compiled and loaded.suffix != ".so"):
-        raise SystemExit(f"path_bench: resgov.server.proxy loaded from {loaded}, not from --src {wanted}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -308,13 +295,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["PATH_BENCH_MODE"] = args.mode
     if args.src is not None:
-        src = args.src.resolve()
-        os.environ["PATH_BENCH_SRC"] = str(src)
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
-        if not args.child:
-            bench.log(f"ResGov from {src}")
+        bench.use_src(args.src)
     if args.child:
-        _check_src()
         import uvloop
 
         uvloop.install()

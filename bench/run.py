@@ -65,6 +65,25 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+def use_src(src: Path) -> Path:
+    """Run ResGov from another copy of its source (e.g. ``compile_hot_path.py``'s) in every process
+    started from now on; exits unless the proxied route loads from there, compiled if it was built so."""
+    src = src.resolve()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+    probe = "import resgov.server.proxy as p; print(p.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    loaded = Path(out.stdout.strip())
+    compiled = any((src / "resgov" / "server").glob("proxy.cpython-*.so"))
+    if out.returncode != 0 or not loaded.is_relative_to(src) or (compiled and loaded.suffix != ".so"):
+        raise SystemExit(
+            f"bench: resgov.server.proxy loads from {loaded or out.stderr.strip()}, not from --src {src}"
+        )
+    log(f"ResGov from {loaded.parent.parent.parent}" + (" (compiled)" if compiled else ""))
+    return src
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -851,6 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
                         help="ResGov's ledger: the SQLite default, or a redis-server the benchmark starts "
                              "(appendfsync everysec) on the load core")  # fmt: skip
+    parser.add_argument(
+        "--src", type=Path, help="run ResGov from this copy of src/ (see compile_hot_path.py)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, ledger)")
     parser.add_argument(
         "--retries",
@@ -872,6 +894,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         log("wrk is not installed: run bench/install.sh as root")
         return 2
+    if args.src is not None:
+        args.src = use_src(args.src)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows: list[Row] = []
@@ -946,6 +970,7 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_mb']:,} MB, Linux {info['kernel']}, "
         f"Python {info['python']}, {info['wrk']}.",
         f"Pinning: {pin.describe()}.",
+        *([f"ResGov run from {args.src} (`--src`), not the installed package."] if args.src else []),
         "Upstream: resgov.simulator.upstream, 0 ms latency, 16 content chunks (+ usage chunk when streaming). "
         "Policy: bench/bench.rgf (budgets enforced on every call: agent and org daily lines, priced, reserved "
         + (
