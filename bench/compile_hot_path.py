@@ -79,6 +79,11 @@ MYPY_CONFIG = "[mypy]\npython_version = 3.11\nignore_missing_imports = True\n"
 
 def build(out: Path) -> Path:
     """A fresh copy of ``src`` under ``out`` with the hot modules compiled; returns its ``src``."""
+    mypyc = Path(sys.executable).with_name("mypyc")
+    if not mypyc.exists():
+        raise SystemExit(
+            "compile_hot_path: no mypyc beside this Python; run it with .venv/bin/python (./dev lint makes .venv)"
+        )
     if out.exists():
         shutil.rmtree(out)
     src = out / "src"
@@ -90,7 +95,6 @@ def build(out: Path) -> Path:
             raise SystemExit(f"compile_hot_path: {rel} no longer has the line {old!r}; update EDITS")
         path.write_text(text.replace(old + "\n", new + "\n"))
     (out / "mypy.ini").write_text(MYPY_CONFIG)
-    mypyc = Path(sys.executable).with_name("mypyc")
     cmd = [str(mypyc), "--config-file", str(out / "mypy.ini"), *HOT]
     done = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
     built = [rel for rel in HOT if list((src / rel).parent.glob(Path(rel).stem + ".cpython-*.so"))]
