@@ -258,7 +258,10 @@ def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_u
         per_call = total / args.calls
         rows.append((variant, per_call))
         bench.log(f"{variant:>10}: {per_call:,.0f} instructions per call ({out_file.name})")
-    print(f"\n{args.mode}, concurrency {args.concurrency}, {args.calls} calls per variant under callgrind\n")
+    print(
+        f"\n{args.mode}, concurrency {args.concurrency}, {args.calls} calls per variant under callgrind; "
+        f"code: commit {bench.code_version()}{' from ' + str(args.src) if args.src else ''}\n"
+    )
     print("| variant | instructions per call | vs full |\n|---|--:|--:|")
     full = dict(rows).get("full")
     for variant, per_call in rows:
@@ -343,7 +346,8 @@ def main() -> int:
         else "not pinned"
     )
     print(
-        f"\n{args.mode}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s; {pinning}\n"
+        f"\n{args.mode}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s; {pinning}; "
+        f"code: commit {bench.code_version()}{' from ' + str(args.src) if args.src else ''}\n"
     )
     print("| variant | CPU µs per call (median) | all runs | calls/s (median) |\n|---|--:|---|--:|")
     for variant, runs in results.items():

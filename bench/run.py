@@ -696,8 +696,23 @@ def machine() -> dict[str, Any]:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "kernel": platform.release(),
-        "python": platform.python_version(), "wrk": wrk.strip(),
+        "python": platform.python_version(), "wrk": wrk.strip(), "code": code_version(),
     }  # fmt: skip
+
+
+def code_version() -> str:
+    """The commit measured, and whether ``src/`` differed from it (a table must name its code)."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes in src/" if git("status", "--porcelain", "--", "src") else "")
 
 
 # ------------------------------------------------------------------------------- profile
@@ -970,6 +985,7 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_mb']:,} MB, Linux {info['kernel']}, "
         f"Python {info['python']}, {info['wrk']}.",
         f"Pinning: {pin.describe()}.",
+        f"Code: commit {info['code']}.",
         *([f"ResGov run from {args.src} (`--src`), not the installed package."] if args.src else []),
         "Upstream: resgov.simulator.upstream, 0 ms latency, 16 content chunks (+ usage chunk when streaming). "
         "Policy: bench/bench.rgf (budgets enforced on every call: agent and org daily lines, priced, reserved "

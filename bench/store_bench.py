@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(run_async(bench_store(url, "redis", durability, args)))
     for line in skipped:
         log(line)
+    from run import code_version  # here, not at the top: run.py imports this module
+
     pin_text = (
         f"this process on core {args.cpu}, redis-server on core {other_cpu}" if pinned else "not pinned"
     )
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Store micro-benchmark",
         "",
         f"reserve (durable, 2 budget lines + audit entry) then settle, per second; {args.concurrency} coroutines "
-        f"on one event loop, {args.agents} agent(s), {args.duration:g} s after {args.warmup:g} s warm-up; {pin_text}.",
+        f"on one event loop, {args.agents} agent(s), {args.duration:g} s after {args.warmup:g} s warm-up; {pin_text}; "
+        f"code: commit {code_version()}.",
         "",
         table(results),
         *skipped,
