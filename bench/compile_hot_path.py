@@ -30,8 +30,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 OUT = BENCH / "results" / "compiled"
 
-#: The modules of the proxied call, in the order a request meets them. A compiled class
-#: cannot be subclassed by an interpreted one, so every provider module goes together.
+#: The modules a proxied call runs through. A compiled class cannot be subclassed by an
+#: interpreted one, so every provider module goes together.
 HOT = [
     "resgov/server/proxy.py",
     "resgov/server/asgi.py",

@@ -260,7 +260,7 @@ def _instructions(args: argparse.Namespace, variants: list[str], ctx: Any, sim_u
         bench.log(f"{variant:>10}: {per_call:,.0f} instructions per call ({out_file.name})")
     print(
         f"\n{args.mode}, concurrency {args.concurrency}, {args.calls} calls per variant under callgrind; "
-        f"code: commit {bench.code_version()}{' from ' + str(args.src) if args.src else ''}\n"
+        f"code: commit {bench.code_version(args.src)}\n"
     )
     print("| variant | instructions per call | vs full |\n|---|--:|--:|")
     full = dict(rows).get("full")
@@ -298,7 +298,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["PATH_BENCH_MODE"] = args.mode
     if args.src is not None:
-        bench.use_src(args.src)
+        args.src = bench.use_src(args.src)
     if args.child:
         import uvloop
 
@@ -347,7 +347,7 @@ def main() -> int:
     )
     print(
         f"\n{args.mode}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s; {pinning}; "
-        f"code: commit {bench.code_version()}{' from ' + str(args.src) if args.src else ''}\n"
+        f"code: commit {bench.code_version(args.src)}\n"
     )
     print("| variant | CPU µs per call (median) | all runs | calls/s (median) |\n|---|--:|---|--:|")
     for variant, runs in results.items():

@@ -80,7 +80,7 @@ def use_src(src: Path) -> Path:
         raise SystemExit(
             f"bench: resgov.server.proxy loads from {loaded or out.stderr.strip()}, not from --src {src}"
         )
-    log(f"ResGov from {loaded.parent.parent.parent}" + (" (compiled)" if compiled else ""))
+    log(f"ResGov from {src}" + (" (compiled)" if compiled else ""))
     return src
 
 
@@ -683,7 +683,7 @@ def ledger_check_redis(url: str) -> dict[str, int]:
     return asyncio.run(totals())
 
 
-def machine() -> dict[str, Any]:
+def machine(src: Path | None = None) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -696,12 +696,13 @@ def machine() -> dict[str, Any]:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "kernel": platform.release(),
-        "python": platform.python_version(), "wrk": wrk.strip(), "code": code_version(),
+        "python": platform.python_version(), "wrk": wrk.strip(), "code": code_version(src),
     }  # fmt: skip
 
 
-def code_version() -> str:
-    """The commit measured, and whether ``src/`` differed from it (a table must name its code)."""
+def code_version(src: Path | None = None) -> str:
+    """The commit measured, whether ``src/`` differed from it, and the ``--src`` copy run instead
+    of the installed package, if any (a table must name its code)."""
 
     def git(*args: str) -> str:
         out = subprocess.run(
@@ -712,7 +713,9 @@ def code_version() -> str:
     commit = git("rev-parse", "--short", "HEAD")
     if not commit:
         return "unknown (not a git checkout)"
-    return commit + (" with uncommitted changes in src/" if git("status", "--porcelain", "--", "src") else "")
+    dirty = " with uncommitted changes in src/" if git("status", "--porcelain", "--", "src") else ""
+    copy = f", ResGov run from {src} (--src), not the installed package" if src else ""
+    return commit + dirty + copy
 
 
 # ------------------------------------------------------------------------------- profile
@@ -975,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], extra: dict[str, Any],
            started: float, pin: Pinning) -> None:  # fmt: skip
-    info = machine()
+    info = machine(args.src)
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started))
     md = [
         "# ResGov benchmark",
@@ -986,7 +989,6 @@ def report(args: argparse.Namespace, rows: list[Row], ladder_rows: list[Row], ex
         f"Python {info['python']}, {info['wrk']}.",
         f"Pinning: {pin.describe()}.",
         f"Code: commit {info['code']}.",
-        *([f"ResGov run from {args.src} (`--src`), not the installed package."] if args.src else []),
         "Upstream: resgov.simulator.upstream, 0 ms latency, 16 content chunks (+ usage chunk when streaming). "
         "Policy: bench/bench.rgf (budgets enforced on every call: agent and org daily lines, priced, reserved "
         + (
