@@ -314,6 +314,32 @@ def test_anthropic_route_refusals_use_anthropic_envelope(proxy: Proxy, sim: SimU
     proxy.ledger.check_invariants()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]},
+        {"mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "gh"}]},
+    ],
+)
+def test_server_tools_whose_cost_nothing_bounds_are_refused_never_sent(
+    proxy: Proxy, sim: SimUpstreamThread, fields: dict[str, Any]
+) -> None:
+    # Their output (program output, MCP tool results) is billed as input of any size: no bound,
+    # so a budget could not hold. Refused before anything is reserved; nothing reaches upstream.
+    key = proxy.key()
+    headers = {"x-api-key": key, "X-ResGov-Agent-ID": "claude", "anthropic-version": "2023-06-01"}
+    message = {"model": CLAUDE, "max_tokens": 50, "messages": [{"role": "user", "content": "run it"}]}
+    r = httpx.post(f"{proxy.url}/v1/messages", headers=headers, json={**message, **fields})
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert r.json()["type"] == "error" and error["reason"] == "unbounded_cost"
+    assert error["agent_id"] == "claude"
+    assert not upstream_requests(sim, "/v1/messages")
+    refusal = [a for a in proxy.ledger.audit() if a["request_id"] == r.headers["x-resgov-request-id"]]
+    assert [(a["status"], a["reason"], a["actual"]) for a in refusal] == [("denied", "unbounded_cost", 0)]
+    proxy.ledger.check_invariants()
+
+
 def test_web_fetch_is_bounded_by_its_limits_or_refused(proxy: Proxy, sim: SimUpstreamThread) -> None:
     key = proxy.key()
     headers = {"x-api-key": key, "X-ResGov-Agent-ID": "claude", "anthropic-version": "2023-06-01"}

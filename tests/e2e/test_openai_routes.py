@@ -76,6 +76,21 @@ def test_responses_stream_and_not(tmp_path: Path, sim: SimUpstreamThread) -> Non
         with pytest.raises(openai.PermissionDeniedError) as unbounded:
             client.responses.create(model="gpt-sim", input="x", previous_response_id="resp_1")
         assert unbounded.value.body["reason"] == "unbounded_cost"  # type: ignore[index]
+        # Tools whose results return as input of any size (and, for the code interpreter, container
+        # fees): refused, never sent.
+        sent = len(sim.stats.requests)
+        for tool in ({"type": "mcp", "server_label": "gh", "server_url": "https://mcp.example"},
+                     {"type": "code_interpreter", "container": {"type": "auto"}}):  # fmt: skip
+            with pytest.raises(openai.PermissionDeniedError) as unbounded:
+                client.responses.create(
+                    model="gpt-sim",
+                    input="x",
+                    tools=[tool],
+                    max_tool_calls=1,  # type: ignore[list-item]
+                )
+            assert unbounded.value.body["reason"] == "unbounded_cost"  # type: ignore[index]
+            assert tool["type"] in unbounded.value.body["message"]  # type: ignore[index]
+        assert len(sim.stats.requests) == sent
     audit = proxy.ledger.audit()
     completed = [a for a in audit if a["route"] == "/v1/responses" and a["status"] == "completed"]
     assert len(completed) == 2 and all(a["actual"] > 0 for a in completed)

@@ -10,13 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resgov.core.bounds import input_bound
+from resgov.core.bounds import SEARCH_RESULT_TOKENS, input_bound
 from resgov.core.errors import BadRequest, Forbidden, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import ModelPrice, Rate, Usage, usage_cost
 from resgov.providers.anthropic import (
     MAX_OUTPUT_CAP,
-    WEB_SEARCH_RESULT_TOKENS,
     Messages,
     MessagesEvents,
     MessagesStreamScanner,
@@ -180,7 +179,7 @@ def test_tool_names_server_tools_and_web_search_bound() -> None:
     assert req.tools == ["get_weather", "lookup", "web_search", "bash"]
     assert req.web_searches == 3
     # Search results are input the body does not hold: allowed for per search.
-    assert req.raw_size == len(data) + 3 * WEB_SEARCH_RESULT_TOKENS
+    assert req.raw_size == len(data) + 3 * SEARCH_RESULT_TOKENS
 
 
 def test_web_search_without_max_uses_is_unbounded() -> None:
@@ -197,7 +196,7 @@ def test_web_fetch_pages_are_in_the_input_bound() -> None:
     req = parse_messages(data)
     assert req.tools == ["web_fetch", "web_search"]
     # Fetched pages are input the body does not hold: up to max_uses pages of max_content_tokens.
-    assert req.raw_size == len(data) + 1 * WEB_SEARCH_RESULT_TOKENS + 2 * 5_000
+    assert req.raw_size == len(data) + 1 * SEARCH_RESULT_TOKENS + 2 * 5_000
 
 
 @pytest.mark.parametrize("limits", [{}, {"max_uses": 3}, {"max_content_tokens": 4_000}])
@@ -207,6 +206,25 @@ def test_web_fetch_without_both_limits_is_unbounded_and_refused(limits: dict[str
         parse_messages(raw(tools=tools))
     assert info.value.status == 403 and info.value.reason == "unbounded_cost"
     assert "max_content_tokens" in info.value.message and "max_uses" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "unbounded"),
+    [
+        (
+            {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]},
+            ["code_execution_20250825"],
+        ),
+        ({"mcp_servers": [{"type": "url", "url": "https://a", "name": "gh"}]}, ["mcp_servers"]),
+        ({"tools": [{"type": "mcp_toolset", "mcp_server_name": "gh"}]}, ["mcp_toolset"]),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]}, []),
+        ({"tools": [{"name": "lookup", "input_schema": {"type": "object"}}]}, []),
+        ({"mcp_servers": []}, []),
+    ],
+)
+def test_server_tools_nothing_bounds_are_reported(fields: dict[str, Any], unbounded: list[str]) -> None:
+    # The parser reports them; the proxy refuses them (403 unbounded_cost) before reserving.
+    assert parse_messages(raw(**fields)).unbounded_tools == unbounded
 
 
 def test_forced_tool_not_offered_is_still_checked() -> None:

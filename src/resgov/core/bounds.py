@@ -30,6 +30,12 @@ MEDIA_PART_TYPES = frozenset({"image_url", "image", "input_image"})
 #: when known, else by this ceiling per part.
 DOCUMENT_PART_TYPES = frozenset({"file", "document", "input_file"})
 DOCUMENT_PART_TOKENS = 1_000_000
+#: Input tokens one provider-side search (Anthropic's web search, the Responses API's web and
+#: file search) can add to a call: its results are billed as input and are not in the body.
+#: No provider documents a maximum; this ceiling sits well above the result sizes seen in
+#: practice (OpenAI bills some models' searches as fixed 8,000-token blocks; file search returns
+#: at most 50 chunks), and a breach still shows up as a flagged overage.
+SEARCH_RESULT_TOKENS = 32_768
 
 
 @dataclass(slots=True)

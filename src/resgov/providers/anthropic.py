@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from resgov.core.bounds import string_bytes
+from resgov.core.bounds import SEARCH_RESULT_TOKENS, string_bytes
 from resgov.core.errors import BadRequest, Forbidden, InvalidValue
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
@@ -24,10 +24,9 @@ from resgov.providers.sse import ForwardedStream, HeldEvents, SSESplitter, decod
 
 #: Largest ``max_tokens`` ResGov forwards (no model comes close; beyond it the value is absurd).
 MAX_OUTPUT_CAP = 10_000_000
-#: Input tokens one web search can add to the call (its results are billed as input, and
-#: they are not in the request body). Anthropic documents no maximum; this ceiling sits well
-#: above the result sizes seen in practice, and a breach still shows up as an overage.
-WEB_SEARCH_RESULT_TOKENS = 32_768
+#: Server tools whose output returns to the model as input of any size, with nothing in the
+#: request to limit it (code execution also bills container time): no bound, so refused.
+_UNBOUNDED_SERVER_TOOLS = ("code_execution", "mcp_toolset")
 
 #: Usage fields read from the wire, merged by taking the largest value seen (they are
 #: cumulative, so the largest is the latest, and a stale smaller one never wins).
@@ -111,6 +110,8 @@ class ToolFacts:
     #: Most input tokens fetched pages can add: ``max_uses × max_content_tokens`` summed over
     #: the web fetch tools; None when one of them lacks either limit (no bound).
     fetch_tokens: int | None = 0
+    #: Server-side tools nothing in the request bounds: code execution, MCP servers.
+    unbounded: list[str] = field(default_factory=list)
 
 
 def _tool_limit(tool: dict[str, Any], key: str, i: int) -> int | None:
@@ -149,6 +150,8 @@ def tool_facts(body: dict[str, Any]) -> ToolFacts:
             facts.names.append(name)
             if kind is not None and kind != "custom":
                 facts.server_tools.append(kind)
+            if isinstance(kind, str) and kind.startswith(_UNBOUNDED_SERVER_TOOLS):
+                facts.unbounded.append(kind)
             if isinstance(kind, str) and kind.startswith("web_search"):
                 uses = _tool_limit(tool, "max_uses", i)
                 if uses is None:
@@ -186,6 +189,8 @@ def tool_facts(body: dict[str, Any]) -> ToolFacts:
             raise BadRequest(
                 "'mcp_servers' must be an array of objects.", reason="invalid_type", param="mcp_servers"
             )
+        if servers:
+            facts.unbounded.append("mcp_servers")
         for server in servers:
             config = server.get("tool_configuration")
             allowed = config.get("allowed_tools") if isinstance(config, dict) else None
@@ -252,7 +257,7 @@ def parse_messages(raw: bytes) -> ParsedRequest:
             param="tools",
         )
     # Search results and fetched pages are billed as input but are not in the body: allow for them.
-    search_input = (facts.web_searches or 0) * WEB_SEARCH_RESULT_TOKENS + facts.fetch_tokens
+    search_input = (facts.web_searches or 0) * SEARCH_RESULT_TOKENS + facts.fetch_tokens
     return ParsedRequest(
         body=body,
         model=model,
@@ -262,6 +267,7 @@ def parse_messages(raw: bytes) -> ParsedRequest:
         tools=facts.names,
         message_count=len(messages) + (1 if system else 0),
         web_searches=facts.web_searches,
+        unbounded_tools=facts.unbounded,
         media_root=[messages, system],
         raw_size=len(raw) + search_input,
     )

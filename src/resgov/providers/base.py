@@ -36,6 +36,9 @@ class ParsedRequest:
     extra_output_tokens: int = 0
     #: Most provider-side web searches the request can trigger; None = no bound (refused if priced).
     web_searches: int | None = 0
+    #: Provider-side tools whose billed input or fees no field of the request bounds (MCP
+    #: servers, code execution: their results come back as input tokens of any size): refused.
+    unbounded_tools: list[str] = field(default_factory=list)
     #: The part of the body that may hold media parts (walked for the input bound).
     media_root: Any = None
     raw_size: int = 0

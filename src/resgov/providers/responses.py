@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from resgov.core.bounds import string_bytes
+from resgov.core.bounds import SEARCH_RESULT_TOKENS, string_bytes
 from resgov.core.errors import BadRequest, Forbidden
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
@@ -18,7 +18,10 @@ from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, even
 #: Events that end a response; they carry its usage and are held back until settlement.
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 #: Built-in tools billed per call; ``max_tool_calls`` bounds how often they run.
-_FEE_TOOLS = frozenset({"web_search", "web_search_preview", "file_search", "code_interpreter"})
+_FEE_TOOLS = frozenset({"web_search", "web_search_preview", "file_search"})
+#: Built-in tools whose output returns to the model as input of any size, with nothing in the
+#: request to limit it (the code interpreter also bills containers, at no price ResGov knows).
+_UNBOUNDED_TOOLS = frozenset({"mcp", "code_interpreter"})
 
 
 def parse_responses(raw: bytes) -> ParsedRequest:
@@ -44,7 +47,14 @@ def parse_responses(raw: bytes) -> ParsedRequest:
     searches: int | None = 0
     if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") in _FEE_TOOLS for t in tools):
         searches = int_field(body, "max_tool_calls", minimum=0, maximum=10_000)
+    unbounded = (
+        [t["type"] for t in tools if isinstance(t, dict) and t.get("type") in _UNBOUNDED_TOOLS]
+        if isinstance(tools, list)
+        else []
+    )
     count = len(value) if isinstance(value, list) else 1
+    # Search results are billed as input but are not in the body: allow for each call.
+    search_input = (searches or 0) * SEARCH_RESULT_TOKENS
     return ParsedRequest(
         body=body,
         model=model,
@@ -53,8 +63,9 @@ def parse_responses(raw: bytes) -> ParsedRequest:
         tools=names,
         message_count=count + (1 if body.get("instructions") else 0),
         web_searches=searches,
+        unbounded_tools=unbounded,
         media_root=value,
-        raw_size=len(raw),
+        raw_size=len(raw) + search_input,
     )
 
 

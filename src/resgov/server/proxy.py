@@ -447,6 +447,15 @@ class ProxyRoute:
                 reason="unbounded_cost",
                 agent_id=agent.agent_id,
             )
+        if req.unbounded_tools:
+            raise Forbidden(
+                f"The request uses provider-side tools whose cost ResGov cannot bound "
+                f"({', '.join(dict.fromkeys(req.unbounded_tools))}): their results come back as input "
+                "of any size. Run such tools on the client side instead.",
+                type="unbounded_cost",
+                reason="unbounded_cost",
+                agent_id=agent.agent_id,
+            )
         cap = req.output_cap or limit or price.max_output_tokens or policy.global_.default_max_tokens
         walk = req.media_root if _media_hint(raw) else None
         inb = input_bound(req.raw_size, walk, req.message_count, bool(req.tools), price.context_window)
