@@ -38,6 +38,7 @@ def test_function_tools_add_nothing() -> None:
     [
         {"type": "mcp", "server_label": "gh", "server_url": "https://mcp.example"},
         {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "image_generation", "size": "1024x1024"},
     ],
 )
 def test_tools_whose_results_nothing_bounds_are_reported(tool: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, even
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 #: Built-in tools billed per call; ``max_tool_calls`` bounds how often they run.
 _FEE_TOOLS = frozenset({"web_search", "web_search_preview", "file_search"})
-#: Built-in tools whose output returns to the model as input of any size, with nothing in the
-#: request to limit it (the code interpreter also bills containers, at no price ResGov knows).
-_UNBOUNDED_TOOLS = frozenset({"mcp", "code_interpreter"})
+#: Built-in tools nothing in the request bounds: MCP and the code interpreter return output of
+#: any size as input (the code interpreter also bills containers), and image generation bills
+#: each of any number of images at image-model rates ResGov has no price for.
+_UNBOUNDED_TOOLS = frozenset({"mcp", "code_interpreter", "image_generation"})
 
 
 def parse_responses(raw: bytes) -> ParsedRequest:
