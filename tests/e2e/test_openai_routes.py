@@ -97,6 +97,32 @@ def test_responses_stream_and_not(tmp_path: Path, sim: SimUpstreamThread) -> Non
     proxy.ledger.check_invariants()
 
 
+def test_openrouter_features_whose_cost_nothing_bounds_are_refused_never_sent(
+    tmp_path: Path, sim: SimUpstreamThread
+) -> None:
+    # OpenRouter runs web search (the :online suffix, the web plugin, its server tools) on its
+    # side, with fees and injected results no field of the request limits: no reservation
+    # could hold a budget, so the call is refused before anything is reserved.
+    with Proxy(tmp_path, policy_for(sim.base_url, AGENTS)) as proxy:
+        client = _client(proxy, "resp")
+        sent = len(sim.stats.requests)
+        message = [{"role": "user", "content": "news?"}]
+        for model, extra in (
+            ("gpt-sim:online", {}),
+            ("gpt-sim", {"plugins": [{"id": "web", "max_results": 3}]}),
+            ("gpt-sim", {"tools": [{"type": "openrouter:web_search"}]}),
+        ):
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                client.chat.completions.create(model=model, messages=message, extra_body=extra)  # type: ignore[arg-type]
+            assert refused.value.body["reason"] == "unbounded_cost"  # type: ignore[index]
+        assert len(sim.stats.requests) == sent
+        # Plain calls go through as before.
+        assert client.chat.completions.create(model="gpt-sim", messages=message).choices  # type: ignore[arg-type]
+    denied = [a for a in proxy.ledger.audit() if a["status"] == "denied"]
+    assert [a["reason"] for a in denied] == ["unbounded_cost"] * 3
+    proxy.ledger.check_invariants()
+
+
 def test_models_list_follows_allowed_models(tmp_path: Path, sim: SimUpstreamThread) -> None:
     with Proxy(tmp_path, policy_for(sim.base_url, AGENTS)) as proxy:
         picky = [m.id for m in _client(proxy, "picky").models.list()]

@@ -72,6 +72,25 @@ def tool_names(tools: Any, tool_choice: Any) -> list[str]:
     return names
 
 
+def openrouter_unbounded(body: dict[str, Any], model: str) -> list[str]:
+    """OpenRouter features that run on its side with fees and input nothing in the request bounds
+    at a price ResGov knows: web search (the ``:online`` model suffix, the ``web`` plugin, the
+    ``openrouter:web_search`` server tool) and every other ``openrouter:`` server tool (image
+    generation…). Refused as ``unbounded_cost``; other providers ignore or reject these fields."""
+    found = [":online"] if model.endswith(":online") else []
+    plugins = body.get("plugins")
+    if isinstance(plugins, list):
+        found += [f"plugins {p['id']}" for p in plugins if isinstance(p, dict) and p.get("id") == "web"]
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        found += [
+            t["type"]
+            for t in tools
+            if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"].startswith("openrouter:")
+        ]
+    return found
+
+
 def json_request(raw: bytes) -> tuple[dict[str, Any], str]:
     """The request body as a JSON object and its ``model``: 400 for anything else (every route)."""
     try:
@@ -134,6 +153,7 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         extra_output_tokens=extra,
         # Chat completions' web search has no per-request limit on searches.
         web_searches=None if body.get("web_search_options") is not None else 0,
+        unbounded_tools=openrouter_unbounded(body, model),
         media_root=messages,
         raw_size=len(raw),
     )

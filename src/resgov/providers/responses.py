@@ -12,7 +12,14 @@ from resgov.core.errors import BadRequest, Forbidden
 from resgov.core.policy import ProviderPolicy
 from resgov.core.pricing import Usage
 from resgov.providers.base import Format, ParsedRequest, PassThrough
-from resgov.providers.openai import MAX_OUTPUT_CAP, int_field, json_request, tool_names, usage_from_openai
+from resgov.providers.openai import (
+    MAX_OUTPUT_CAP,
+    int_field,
+    json_request,
+    openrouter_unbounded,
+    tool_names,
+    usage_from_openai,
+)
 from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, event_data
 
 #: Events that end a response; they carry its usage and are held back until settlement.
@@ -48,11 +55,9 @@ def parse_responses(raw: bytes) -> ParsedRequest:
     searches: int | None = 0
     if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") in _FEE_TOOLS for t in tools):
         searches = int_field(body, "max_tool_calls", minimum=0, maximum=10_000)
-    unbounded = (
-        [t["type"] for t in tools if isinstance(t, dict) and t.get("type") in _UNBOUNDED_TOOLS]
-        if isinstance(tools, list)
-        else []
-    )
+    unbounded = openrouter_unbounded(body, model)
+    if isinstance(tools, list):
+        unbounded += [t["type"] for t in tools if isinstance(t, dict) and t.get("type") in _UNBOUNDED_TOOLS]
     count = len(value) if isinstance(value, list) else 1
     # Search results are billed as input but are not in the body: allow for each call.
     search_input = (searches or 0) * SEARCH_RESULT_TOKENS

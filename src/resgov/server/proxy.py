@@ -431,6 +431,16 @@ class ProxyRoute:
             # A translating adapter refuses what it cannot translate (422) and bounds the
             # request as the provider will receive it, all before anything is reserved.
             req = adapter.parse(raw)
+        if req.unbounded_tools:
+            raise Forbidden(
+                f"The request uses provider-side tools whose cost ResGov cannot bound "
+                f"({', '.join(dict.fromkeys(req.unbounded_tools))}): they bring in input or fees that "
+                "nothing in the request limits. Run such tools on the client side, where each call is "
+                "bounded like any other.",
+                type="unbounded_cost",
+                reason="unbounded_cost",
+                agent_id=agent.agent_id,
+            )
         price = policy.prices.lookup(req.model, provider.name, upstream_model, provider.base_url)
         if price is None:
             raise Forbidden(
@@ -443,15 +453,6 @@ class ProxyRoute:
             raise Forbidden(
                 "The request enables provider-side web search with no limit on searches (per-search fees); "
                 "ResGov cannot bound its cost. Set a limit (e.g. Anthropic's max_uses).",
-                type="unbounded_cost",
-                reason="unbounded_cost",
-                agent_id=agent.agent_id,
-            )
-        if req.unbounded_tools:
-            raise Forbidden(
-                f"The request uses provider-side tools whose cost ResGov cannot bound "
-                f"({', '.join(dict.fromkeys(req.unbounded_tools))}): their results come back as input "
-                "of any size. Run such tools on the client side instead.",
                 type="unbounded_cost",
                 reason="unbounded_cost",
                 agent_id=agent.agent_id,
