@@ -101,8 +101,9 @@ def test_openrouter_features_whose_cost_nothing_bounds_are_refused_never_sent(
     tmp_path: Path, sim: SimUpstreamThread
 ) -> None:
     # OpenRouter runs web search (the :online suffix, the web plugin, its server tools) on its
-    # side, with fees and injected results no field of the request limits: no reservation
-    # could hold a budget, so the call is refused before anything is reserved.
+    # side, as chat completions' web_search_options does, with fees and injected results no field
+    # of the request limits: no reservation could hold a budget, so the call is refused before
+    # anything is reserved.
     with Proxy(tmp_path, policy_for(sim.base_url, AGENTS)) as proxy:
         client = _client(proxy, "resp")
         sent = len(sim.stats.requests)
@@ -111,6 +112,7 @@ def test_openrouter_features_whose_cost_nothing_bounds_are_refused_never_sent(
             ("gpt-sim:online", {}),
             ("gpt-sim", {"plugins": [{"id": "web", "max_results": 3}]}),
             ("gpt-sim", {"tools": [{"type": "openrouter:web_search"}]}),
+            ("gpt-sim", {"web_search_options": {}}),
         ):
             with pytest.raises(openai.PermissionDeniedError) as refused:
                 client.chat.completions.create(model=model, messages=message, extra_body=extra)  # type: ignore[arg-type]
@@ -119,7 +121,7 @@ def test_openrouter_features_whose_cost_nothing_bounds_are_refused_never_sent(
         # Plain calls go through as before.
         assert client.chat.completions.create(model="gpt-sim", messages=message).choices  # type: ignore[arg-type]
     denied = [a for a in proxy.ledger.audit() if a["status"] == "denied"]
-    assert [a["reason"] for a in denied] == ["unbounded_cost"] * 3
+    assert [a["reason"] for a in denied] == ["unbounded_cost"] * 4
     proxy.ledger.check_invariants()
 
 

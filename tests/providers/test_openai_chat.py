@@ -1,4 +1,4 @@
-"""Chat completions requests: provider-side features whose cost nothing in the request bounds."""
+"""OpenAI-format requests: provider-side search features whose cost nothing in the request bounds."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def raw(**fields: Any) -> bytes:
             ["openrouter:web_search"],
         ),
         ({"tools": [{"type": "openrouter:image_generation"}]}, ["openrouter:image_generation"]),
+        ({"web_search_options": {"search_context_size": "low"}}, ["web_search_options"]),
         ({"plugins": [{"id": "response-healing"}]}, []),
         ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}, []),
         ({}, []),

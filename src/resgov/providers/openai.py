@@ -72,12 +72,17 @@ def tool_names(tools: Any, tool_choice: Any) -> list[str]:
     return names
 
 
-def openrouter_unbounded(body: dict[str, Any], model: str) -> list[str]:
-    """OpenRouter features that run on its side with fees and input nothing in the request bounds
-    at a price ResGov knows: web search (the ``:online`` model suffix, the ``web`` plugin, the
-    ``openrouter:web_search`` server tool) and every other ``openrouter:`` server tool (image
-    generation…). Refused as ``unbounded_cost``; other providers ignore or reject these fields."""
+def search_unbounded(body: dict[str, Any], model: str) -> list[str]:
+    """Provider-side search features of the OpenAI-format routes that nothing in the request
+    bounds at a price ResGov knows: chat completions' ``web_search_options``, OpenRouter's web
+    search (the ``:online`` model suffix, the ``web`` plugin, the ``openrouter:web_search`` server
+    tool) and every other ``openrouter:`` server tool (image generation…). Refused as
+    ``unbounded_cost``; providers without these features ignore or reject the fields."""
     found = [":online"] if model.endswith(":online") else []
+    if body.get("web_search_options") is not None:
+        # Chat completions' web search has no per-request limit on searches, and its fees are
+        # unknown wherever the model's price does not list them (OpenRouter maps it to its own).
+        found.append("web_search_options")
     plugins = body.get("plugins")
     if isinstance(plugins, list):
         found += [f"plugins {p['id']}" for p in plugins if isinstance(p, dict) and p.get("id") == "web"]
@@ -151,9 +156,7 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         tools=names,
         message_count=len(messages),
         extra_output_tokens=extra,
-        # Chat completions' web search has no per-request limit on searches.
-        web_searches=None if body.get("web_search_options") is not None else 0,
-        unbounded_tools=openrouter_unbounded(body, model),
+        unbounded_tools=search_unbounded(body, model),
         media_root=messages,
         raw_size=len(raw),
     )
