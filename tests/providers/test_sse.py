@@ -113,3 +113,25 @@ def test_scanners_are_freed_by_reference_counting() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def last_boundary_by_the_spec(buffer: bytes) -> int:
+    """Just past the last blank line of any of the three line endings, or -1."""
+    ends = [buffer.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if buffer.rfind(sep) >= 0]
+    return max(ends, default=-1)
+
+
+PIECES = st.lists(st.sampled_from([b"data: x", b"\n", b"\r", b"\n\n", b"\r\n\r\n", b"\r\r", b"{}", b"[DONE]"]),
+                  max_size=16).map(b"".join)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(PIECES | st.binary(max_size=40))
+def test_the_last_boundary_and_the_events_of_a_run_whatever_the_line_endings(buffer: bytes) -> None:
+    from resgov.providers.sse import _last_boundary, events, iter_events
+
+    assert _last_boundary(buffer) == last_boundary_by_the_spec(buffer)
+    complete = buffer[: max(_last_boundary(buffer), 0)]
+    # The lazy split yields exactly the events of the eager one, whole, in order.
+    assert list(iter_events(complete)) == events(complete)
+    assert b"".join(events(complete)) == complete

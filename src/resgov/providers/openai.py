@@ -20,7 +20,7 @@ from resgov.providers.sse import (
     data_object,
     decode_event,
     event_data,
-    events,
+    iter_events,
 )
 
 #: Largest output cap ResGov forwards (no model comes close; beyond it the value is absurd).
@@ -272,7 +272,7 @@ class ChatStreamScanner(ForwardedStream):
         if self._id is None and self._id_search:
             runs, self._id_search = self._id_search, []
             for run in runs:
-                for event in events(run):
+                for event in iter_events(run):
                     chunk = decode_event(event)
                     if chunk is not None and isinstance(chunk.get("id"), str):
                         self._id = chunk["id"]
@@ -309,17 +309,19 @@ class ChatStreamScanner(ForwardedStream):
 
     def _run(self, run: bytes) -> int:
         """The leading events of ``run`` up to the first that may end the stream or carry usage."""
-        if self.done or b"\r" in run:
+        if self.done or run.find(b"\r") >= 0:
             return 0  # event by event (CR line endings: boundaries are not just blank lines)
         cut = run.find(b"[DONE]")
         if cut < 0:
             cut = len(run)
-        i = run.find(b'"usage"', 0, cut)
-        while i >= 0:
-            if not run.startswith(b'"usage":null', i):
-                cut = i
-                break
-            i = run.find(b'"usage"', i + 7, cut)
+        head = run if cut == len(run) else run[:cut]
+        # Every chunk of a stream with usage on says "usage":null: count both (two scans in C)
+        # rather than stepping through each occurrence (a find with bounds per chunk).
+        if not _no_usage(head):
+            i = head.find(b'"usage"')
+            while head.startswith(b'"usage":null', i):
+                i = head.find(b'"usage"', i + 7)
+            cut = i
         if cut < len(run):
             start = run.rfind(b"\n\n", 0, cut)  # the start of the event holding it
             cut = start + 2 if start >= 0 else 0
