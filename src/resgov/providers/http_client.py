@@ -247,7 +247,8 @@ def _header_block(headers: Mapping[str, str] | list[tuple[bytes, bytes]]) -> byt
             parts += (sname.encode("latin-1"), b": ", svalue.encode("latin-1"), b"\r\n")
     block = b"".join(parts)
     count = len(parts) // 4
-    if block.count(b"\n") != count or block.count(b"\r") != count or b"\0" in block:
+    # find, not `in`: a bytes `in` formats a TypeError first (~1,800 instructions, every call).
+    if block.count(b"\n") != count or block.count(b"\r") != count or block.find(b"\0") >= 0:
         raise ValueError("a request header name or value contains CR, LF or NUL")
     return block
 

@@ -66,6 +66,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 from resgov import __version__
+from resgov.alerts.events import (
+    DEFAULT_THRESHOLDS,
+    budget_exceeded,
+    reservation_overage,
+    reservations_expired,
+    store_down,
+)
 from resgov.config.settings import MIN_ADMIN_TOKEN
 from resgov.core.budget import BudgetLine, LineState, lines_for
 from resgov.core.errors import Unauthorized
@@ -598,13 +605,10 @@ class ObservedStore:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _settings(self) -> tuple[Sequence[float], str, str]:
-        from resgov.alerts.events import DEFAULT_THRESHOLDS
-
         if self.policy is None:
             return DEFAULT_THRESHOLDS, "USD", "charge"
         g = self.policy().global_
-        thresholds = getattr(g, "alert_thresholds", DEFAULT_THRESHOLDS)
-        return thresholds, g.currency, g.on_expired_reservation
+        return g.alert_thresholds, g.currency, g.on_expired_reservation
 
     def _timed(self, op: str, started: float, ok: bool = True) -> None:
         if self.metrics is not None:
@@ -613,8 +617,6 @@ class ObservedStore:
     def _failed(self, op: str, started: float, exc: BaseException) -> None:
         self._timed(op, started, ok=False)
         if self.alerts is not None:
-            from resgov.alerts.events import store_down
-
             self.alerts.emit(store_down(self.name, f"{op}: {exc}"))
 
     def _gc(self) -> None:
@@ -698,8 +700,6 @@ class ObservedStore:
         if self.alerts is not None and pending is not None:
             thresholds, currency, _ = self._settings()
             if outcome.overage > 0:
-                from resgov.alerts.events import reservation_overage
-
                 self.alerts.emit(
                     reservation_overage(
                         org, agent, request.reservation_id, model, outcome.reserved, outcome.charged, currency
@@ -727,8 +727,6 @@ class ObservedStore:
             and entry.status == "denied"
             and entry.reason == refusal.line.reason
         ):
-            from resgov.alerts.events import budget_exceeded
-
             _, currency, _ = self._settings()
             self.alerts.emit(
                 budget_exceeded(refusal.line, refusal.agent, refusal.used, refusal.amount, currency)
@@ -747,8 +745,6 @@ class ObservedStore:
             if self.metrics is not None:
                 self.metrics.observe_expired(count)
             if self.alerts is not None:
-                from resgov.alerts.events import reservations_expired
-
                 self.alerts.emit(reservations_expired(count, mode, backend=self.name))
         return count
 
