@@ -85,8 +85,8 @@ def test_responses_stream_and_not(tmp_path: Path, sim: SimUpstreamThread) -> Non
                 client.responses.create(
                     model="gpt-sim",
                     input="x",
-                    tools=[tool],
-                    max_tool_calls=1,  # type: ignore[list-item]
+                    tools=[tool],  # type: ignore[list-item]
+                    max_tool_calls=1,
                 )
             assert unbounded.value.body["reason"] == "unbounded_cost"  # type: ignore[index]
             assert tool["type"] in unbounded.value.body["message"]  # type: ignore[index]

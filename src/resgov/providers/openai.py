@@ -72,9 +72,9 @@ def tool_names(tools: Any, tool_choice: Any) -> list[str]:
     return names
 
 
-def search_unbounded(body: dict[str, Any], model: str) -> list[str]:
-    """Provider-side search features of the OpenAI-format routes that nothing in the request
-    bounds at a price ResGov knows: chat completions' ``web_search_options``, OpenRouter's web
+def unbounded_features(body: dict[str, Any], model: str) -> list[str]:
+    """Provider-side features of the OpenAI-format routes that nothing in the request bounds at
+    a price ResGov knows: chat completions' ``web_search_options``, OpenRouter's web
     search (the ``:online`` model suffix, the ``web`` plugin, the ``openrouter:web_search`` server
     tool) and every other ``openrouter:`` server tool (image generation…). Refused as
     ``unbounded_cost``; providers without these features ignore or reject the fields."""
@@ -156,7 +156,7 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         tools=names,
         message_count=len(messages),
         extra_output_tokens=extra,
-        unbounded_tools=search_unbounded(body, model),
+        unbounded_tools=unbounded_features(body, model),
         media_root=messages,
         raw_size=len(raw),
     )

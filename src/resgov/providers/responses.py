@@ -16,8 +16,8 @@ from resgov.providers.openai import (
     MAX_OUTPUT_CAP,
     int_field,
     json_request,
-    search_unbounded,
     tool_names,
+    unbounded_features,
     usage_from_openai,
 )
 from resgov.providers.sse import ForwardedStream, SSESplitter, data_object, event_data
@@ -55,7 +55,7 @@ def parse_responses(raw: bytes) -> ParsedRequest:
     searches: int | None = 0
     if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") in _FEE_TOOLS for t in tools):
         searches = int_field(body, "max_tool_calls", minimum=0, maximum=10_000)
-    unbounded = search_unbounded(body, model)
+    unbounded = unbounded_features(body, model)
     if isinstance(tools, list):
         unbounded += [t["type"] for t in tools if isinstance(t, dict) and t.get("type") in _UNBOUNDED_TOOLS]
     count = len(value) if isinstance(value, list) else 1

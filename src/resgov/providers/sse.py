@@ -16,16 +16,15 @@ import orjson
 #: Inspect one complete event (raw bytes including its terminating blank line);
 #: return False to drop it from the forwarded stream.
 EventHook = Callable[[bytes], bool]
-# Searching bytes with ``in`` first tries the operand as an integer (a byte value) and formats
-# the TypeError it gets: ~1,800 CPU instructions each time, about ten times per stream (counted
-# with callgrind, bench/README.md). ``find`` goes straight to the search.
-
 #: Look at a whole run of complete events at once and return how many of its leading bytes
 #: (whole events) to forward unchanged without calling the event hook on each (the owner has
 #: seen all it needs of them); the rest is split into events as usual.
 RunHook = Callable[[bytes], int]
 
 
+# Searching bytes with ``in`` first tries the operand as an integer (a byte value) and formats
+# the TypeError it gets: ~1,800 CPU instructions each time, about ten times per stream (counted
+# with callgrind, bench/README.md). ``find`` goes straight to the search.
 def event_data(event: bytes) -> bytes:
     """The ``data`` payload of one event (multi-line data joined with newlines)."""
     if event.startswith(b"data: "):
